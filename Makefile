@@ -1,0 +1,32 @@
+# Developer and CI entry points; see README.md. `make test` needs root once, to install RabbitMQ.
+PYTHON ?= python3
+VENV := .venv
+PYTEST_ARGS ?=
+
+.PHONY: venv broker-deps run test lint clean
+
+venv: $(VENV)/.installed
+
+# The stamp makes `pip install` re-run only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[test]'
+	touch $@
+
+# Installs Debian's rabbitmq-server when missing (root), else prints the command to run.
+broker-deps:
+	@test -x /usr/lib/rabbitmq/bin/rabbitmq-server || $(PYTHON) -m bridge.devbroker install
+
+run: venv broker-deps
+	$(VENV)/bin/python -m bridge.devbroker run --dir .run/rabbitmq --port 5672 -- \
+		$(VENV)/bin/one-bridge run --config config/bridge.dev.toml
+
+test: venv broker-deps
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check bridge tests
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,160 @@
+"""Composition root: builds every part from Config, starts them in order, stops them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+import structlog
+from aiohttp import web
+
+from bridge import __version__
+from bridge.config import Config
+from bridge.delivery import Delivery
+from bridge.events import RoutingTable
+from bridge.metrics import Metrics
+from bridge.ops import build_ops_app
+from bridge.publisher import AmqpPublisher
+from bridge.receiver import build_app
+
+log = structlog.get_logger("bridge.app")
+
+
+class Bridge:
+    """The running daemon. `async with Bridge(config) as bridge:` serves until the block ends."""
+
+    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.routes = RoutingTable(
+            {key: tenant.exchanges for key, tenant in config.tenants.items()}
+        )
+        self.publisher = AmqpPublisher(
+            config.broker,
+            exchanges=sorted(self.routes.all_exchanges(list(config.tenants))),
+            on_state_change=self._on_broker_state,
+            on_publish=self.metrics.record_publish,
+        )
+        self.delivery = Delivery(
+            self.publisher,
+            self.routes,
+            publish_timeout_seconds=config.broker.publish_timeout_seconds,
+            max_in_flight=config.broker.max_in_flight,
+        )
+        self.is_draining = False
+        self.receiver_port = 0
+        self.ops_port = 0
+        self._stack = AsyncExitStack()
+
+    def is_ready(self) -> bool:
+        """Ready when an event can be accepted now, and not shutting down."""
+        return not self.is_draining and self.delivery.can_accept
+
+    def _on_broker_state(self, is_connected: bool) -> None:
+        self.metrics.broker_connected.set(1 if is_connected else 0)
+
+    async def __aenter__(self) -> Bridge:
+        log.info("bridge.starting", version=__version__)
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        log.info("bridge.started", receiver_port=self.receiver_port, ops_port=self.ops_port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.is_draining = True
+        log.info("bridge.stopping", in_flight=self.delivery.in_flight)
+        await self._stack.aclose()
+        log.info("bridge.stopped")
+
+    async def _start(self) -> None:
+        # Ops first and stopped last, so metrics stay scrapeable while draining.
+        ops_runner = web.AppRunner(
+            build_ops_app(metrics=self.metrics, is_ready=self.is_ready), access_log=None
+        )
+        self.ops_port = await _listen(ops_runner, self.config.ops.host, self.config.ops.port)
+        self._stack.push_async_callback(ops_runner.cleanup)
+
+        # Broker in the background: until it is connected the bridge is up but not ready.
+        await self.publisher.start()
+        self._stack.push_async_callback(self.publisher.close)
+
+        receiver = self.config.receiver
+        receiver_runner = web.AppRunner(
+            build_app(
+                delivery=self.delivery,
+                tenants=self.config.tenants,
+                settings=receiver,
+                metrics=self.metrics,
+            ),
+            access_log=None,
+            # In-flight handlers get this long to finish once the listener is closed.
+            shutdown_timeout=receiver.shutdown_timeout_seconds,
+        )
+        self.receiver_port = await _listen(
+            receiver_runner, receiver.host, receiver.port, ssl_context=_tls_context(self.config)
+        )
+        self._stack.push_async_callback(receiver_runner.cleanup)
+
+
+async def _listen(
+    runner: web.AppRunner, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+) -> int:
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    # With port 0 the kernel picks one; tests read it back from here.
+    return int(runner.addresses[-1][1])
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    receiver = config.receiver
+    if receiver.tls_cert_file is None or receiver.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(receiver.tls_cert_file, receiver.tls_key_file)
+    return context
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; a second signal stops waiting for in-flight work."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    main_task = asyncio.current_task()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("bridge.forced_stop", signal=signal.Signals(signum).name)
+            if main_task is not None:
+                main_task.cancel()
+            return
+        log.info("bridge.signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        async with Bridge(config):
+            await stop.wait()
+    except asyncio.CancelledError:
+        return 1
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+    return 0

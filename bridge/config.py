@@ -1,0 +1,299 @@
+"""Configuration: defaults < TOML file < BRIDGE_* environment < CLI flags, validated once at load.
+
+Secrets are SecretStr and may come from a sibling `<key>_file` (systemd credentials, mounted
+Kubernetes secrets). Nothing here does network I/O or logs.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from yarl import URL
+
+from bridge.errors import ConfigError
+from bridge.redact import redact_url
+
+ENV_PREFIX = "BRIDGE_"
+ENV_NESTING = "__"
+
+_toml_data: ContextVar[dict[str, Any] | None] = ContextVar("toml_data", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def read_secret_file(path: Path, key: str) -> str:
+    """A secret file's content without its trailing newline."""
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"cannot read {key} ({exc.strerror}: {path})") from None
+
+
+class QueueBinding(_Section):
+    exchange: str = Field(min_length=1, max_length=255)
+    routing_key: str = Field(default="#", max_length=255)
+
+
+class QueueConfig(_Section):
+    """A durable queue declared and bound at start, so events are kept before any consumer."""
+
+    name: str = Field(min_length=1, max_length=255)
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    bindings: tuple[QueueBinding, ...] = ()
+    # Passed to queue.declare as they are: x-max-length, x-overflow, x-dead-letter-exchange, ...
+    arguments: dict[str, str | int | bool] = Field(default_factory=dict)
+
+
+class BrokerConfig(_Section):
+    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    url_file: Path | None = None
+    exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
+    publish_timeout_seconds: PositiveFloat = 5.0
+    connect_timeout_seconds: PositiveFloat = 5.0
+    reconnect_interval_seconds: PositiveFloat = 1.0
+    heartbeat_seconds: int = Field(default=30, ge=0, le=3600)
+    max_in_flight: PositiveInt = 1024
+    queues: tuple[QueueConfig, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_from_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("url_file"):
+            data = {**data, "url": read_secret_file(Path(data["url_file"]), "broker.url_file")}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        url = URL(value.get_secret_value())
+        if url.scheme not in ("amqp", "amqps") or not url.host:
+            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        return value
+
+
+class ReceiverConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: PositiveInt = 262_144
+    body_timeout_seconds: PositiveFloat = 10.0
+    shutdown_timeout_seconds: PositiveFloat = 10.0
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ReceiverConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file not found: {path}")
+        return self
+
+
+class OpsConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9102, ge=0, le=65535)
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class TenantConfig(_Section):
+    """One ONe tenant: how its callbacks authenticate and where its events go."""
+
+    auth: Literal["basic", "none"] = "basic"
+    username: str | None = None
+    # The first password is the current one; the others are still accepted during a rotation.
+    passwords: tuple[SecretStr, ...] = ()
+    passwords_file: Path | None = None
+    exchanges: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _passwords_from_file(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("passwords_file"):
+            text = read_secret_file(Path(data["passwords_file"]), "passwords_file")
+            lines = [line.strip() for line in text.splitlines()]
+            data = {**data, "passwords": [line for line in lines if line]}
+        return data
+
+    @model_validator(mode="after")
+    def _credentials(self) -> TenantConfig:
+        if self.auth == "basic":
+            if not self.username:
+                raise ValueError("auth = 'basic' needs a username")
+            if not self.passwords:
+                raise ValueError("auth = 'basic' needs passwords or passwords_file")
+            if any(not p.get_secret_value() for p in self.passwords):
+                raise ValueError("passwords must not be empty")
+            if ":" in self.username:
+                raise ValueError("username must not contain ':' (Basic auth)")
+        return self
+
+    @field_validator("exchanges")
+    @classmethod
+    def _exchange_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for event_type, exchange in value.items():
+            if not event_type or not exchange or len(exchange.encode()) > 255:
+                raise ValueError(f"invalid exchange name for type {event_type!r}")
+        return value
+
+    def password_values(self) -> tuple[str, ...]:
+        return tuple(p.get_secret_value() for p in self.passwords)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The already-parsed TOML file, below the environment in precedence."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _toml_data.get() or {}
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTING,
+        extra="forbid",
+        frozen=True,
+    )
+
+    broker: BrokerConfig = BrokerConfig()
+    receiver: ReceiverConfig = ReceiverConfig()
+    ops: OpsConfig = OpsConfig()
+    log: LogConfig = LogConfig()
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _TomlSource(settings_cls)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_keys(cls, value: dict[str, TenantConfig]) -> dict[str, TenantConfig]:
+        for key in value:
+            if not key or not all(c.isalnum() or c in "-_." for c in key):
+                raise ValueError(f"tenant key {key!r} may hold only letters, digits, '-', '_', '.'")
+        return value
+
+
+def load(
+    path: Path | None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read, merge and validate the configuration; ConfigError names the key and its source.
+
+    `overrides` are the CLI flags, as nested sections (e.g. {"log": {"level": "debug"}}).
+    """
+    data = _read_toml(path) if path is not None else {}
+    token = _toml_data.set(data)
+    try:
+        return Config(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, data, os.environ, overrides or {})) from None
+    finally:
+        _toml_data.reset(token)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _describe(
+    exc: ValidationError,
+    path: Path | None,
+    data: Mapping[str, Any],
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any],
+) -> str:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        keys = [str(part) for part in error["loc"] if not isinstance(part, int)]
+        source = _source_of(keys, path, data, environ, overrides)
+        lines.append(f"{'.'.join(keys) or '(top level)'} (from {source}): {error['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _source_of(
+    keys: list[str],
+    path: Path | None,
+    data: Mapping[str, Any],
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any],
+) -> str:
+    if keys and keys[0] in overrides:
+        return "command line"
+    # The most specific environment variable that sets this key, a parent or a child of it.
+    lowered = {name.lower(): name for name in environ}
+    for depth in range(len(keys), 0, -1):
+        name = (ENV_PREFIX + ENV_NESTING.join(keys[:depth])).lower()
+        if name in lowered:
+            return f"env {lowered[name]}"
+    prefix = (ENV_PREFIX + ENV_NESTING.join(keys) + ENV_NESTING).lower()
+    children = sorted(original for name, original in lowered.items() if name.startswith(prefix))
+    if children:
+        return "env " + ", ".join(children) + (f" over {path}" if path else "")
+    node: Any = data
+    for key in keys:
+        if not isinstance(node, Mapping) or key not in node:
+            break
+        node = node[key]
+    else:
+        return str(path)
+    if keys and path is not None and keys[0] in data:
+        return str(path)
+    return "defaults"
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, every secret masked (for check-config)."""
+    return config.model_dump(mode="json", exclude={"broker": {"url_file"}}) | {
+        "broker": {
+            **config.broker.model_dump(mode="json", exclude={"url", "url_file"}),
+            "url": redact_url(config.broker.url.get_secret_value()),
+        }
+    }

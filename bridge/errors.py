@@ -1,0 +1,88 @@
+"""The bridge's exception hierarchy; messages are built from safe fields only."""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge raises on purpose."""
+
+
+class ConfigError(BridgeError, ValueError):
+    """The configuration is invalid; the message names the key and where it came from."""
+
+
+class RejectedEvent(BridgeError):
+    """A callback we refuse; `reason` is bounded and used as a metric label."""
+
+    status = 400
+    reason = "invalid_body"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class UnknownTenant(RejectedEvent):
+    status = 404
+    reason = "unknown_tenant"
+
+
+class Unauthorized(RejectedEvent):
+    status = 401
+    reason = "unauthorized"
+
+
+class InvalidBody(RejectedEvent):
+    status = 400
+    reason = "invalid_body"
+
+
+class TenantMismatch(RejectedEvent):
+    status = 400
+    reason = "tenant_mismatch"
+
+
+class UnsupportedMediaType(RejectedEvent):
+    status = 415
+    reason = "unsupported_media_type"
+
+
+class BodyTooLarge(RejectedEvent):
+    status = 413
+    reason = "too_large"
+
+
+class BodyTimeout(RejectedEvent):
+    status = 408
+    reason = "body_timeout"
+
+
+class Overloaded(RejectedEvent):
+    status = 503
+    reason = "overloaded"
+
+
+class Unavailable(RejectedEvent):
+    """Neither the broker nor (later) the spool could take the event."""
+
+    status = 503
+    reason = "unavailable"
+
+
+class PublishError(BridgeError):
+    """A publish was not confirmed; `reason` is one of PUBLISH_FAILURES."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"publish {reason}" + (f": {detail}" if detail else ""))
+        self.reason = reason
+
+
+PUBLISH_FAILURES = ("nacked", "returned", "timeout", "disconnected", "blocked", "channel_error")
+
+
+class SpoolError(BridgeError, OSError):
+    """The spool cannot take or give back records: disk full, unwritable, corrupt or closed."""
+
+
+class SpoolFull(SpoolError):
+    """The spool already holds its configured maximum of events or body bytes."""

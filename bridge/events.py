@@ -1,0 +1,107 @@
+"""Pure: turn a callback body into a WebhookEvent and pick the exchange it goes to."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import orjson
+
+from bridge.errors import InvalidBody
+
+# AMQP short strings (message_id, type, routing key) hold at most 255 bytes.
+MAX_SHORT_STRING_BYTES = 255
+
+UNROUTED_EXCHANGE = "one-bridge.unrouted"
+UNKNOWN_TYPE_LABEL = "unknown"
+
+# The platform's documented type -> exchangeName table, with the tenant key as suffix.
+_DOCUMENTED_EXCHANGE_STEMS = MappingProxyType(
+    {
+        "CartOpened": "p-u-o-m-e-c-cartopened-",
+        "ClientLogged": "p-u-o-m-e-c-clientlogged-",
+        "OfferOpened": "p-u-o-m-e-o-offeropened-",
+    }
+)
+KNOWN_EVENT_TYPES = tuple(_DOCUMENTED_EXCHANGE_STEMS)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    """One accepted callback; `body` is the request body exactly as received."""
+
+    tenant: str
+    event_type: str
+    event_id: str
+    body: bytes
+    received_at: float  # unix seconds
+
+
+def documented_exchanges(tenant: str) -> dict[str, str]:
+    """The documented type -> exchangeName table for a tenant."""
+    return {event_type: stem + tenant for event_type, stem in _DOCUMENTED_EXCHANGE_STEMS.items()}
+
+
+def parse_event(body: bytes, *, tenant: str, received_at: float) -> WebhookEvent:
+    """Validate the fields the bridge relies on; the body itself is kept untouched."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidBody(f"body is not valid JSON ({exc.msg})") from None
+    if not isinstance(document, dict):
+        raise InvalidBody("body is not a JSON object")
+    event_type = _short_string(document, "type")
+    event_id = _short_string(document, "eventId")
+    return WebhookEvent(tenant, event_type, event_id, body, received_at)
+
+
+def _short_string(document: Mapping[str, object], field: str) -> str:
+    value = document.get(field)
+    if value is None:
+        raise InvalidBody(f"field {field!r} is missing")
+    if not isinstance(value, str):
+        raise InvalidBody(f"field {field!r} is not a string")
+    if not value:
+        raise InvalidBody(f"field {field!r} is empty")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+        raise InvalidBody(f"field {field!r} is not valid UTF-8") from None
+    if size > MAX_SHORT_STRING_BYTES:
+        raise InvalidBody(f"field {field!r} is longer than {MAX_SHORT_STRING_BYTES} bytes")
+    return value
+
+
+class RoutingTable:
+    """Which exchange each (tenant, event type) goes to.
+
+    Precedence: the tenant's explicit `exchanges` config, then what the platform reports for the
+    tenant (filled in at run time), then the documented table.
+    """
+
+    def __init__(self, overrides: Mapping[str, Mapping[str, str]]) -> None:
+        self._overrides = {tenant: dict(table) for tenant, table in overrides.items()}
+        self._platform: dict[str, dict[str, str]] = {}
+
+    def set_platform_exchanges(self, tenant: str, table: Mapping[str, str]) -> None:
+        self._platform[tenant] = dict(table)
+
+    def table_for(self, tenant: str) -> dict[str, str]:
+        return {
+            **documented_exchanges(tenant),
+            **self._platform.get(tenant, {}),
+            **self._overrides.get(tenant, {}),
+        }
+
+    def exchange_for(self, tenant: str, event_type: str) -> str | None:
+        """The exchange for a known type, or None when the tenant does not know the type."""
+        for table in (self._overrides, self._platform):
+            exchange = table.get(tenant, {}).get(event_type)
+            if exchange is not None:
+                return exchange
+        stem = _DOCUMENTED_EXCHANGE_STEMS.get(event_type)
+        return None if stem is None else stem + tenant
+
+    def all_exchanges(self, tenants: list[str]) -> set[str]:
+        return {exchange for tenant in tenants for exchange in self.table_for(tenant).values()}

@@ -1,0 +1,334 @@
+"""The receiver over HTTP with an in-memory sink: every status it answers, and what it forwards."""
+
+from __future__ import annotations
+
+import asyncio
+from base64 import b64encode
+
+import pytest
+from aiohttp import web
+from conftest import CASES, DEV_PASSWORD, DEV_USER, make_config
+
+from bridge.delivery import Delivery
+from bridge.errors import PublishError
+from bridge.events import UNROUTED_EXCHANGE, RoutingTable, WebhookEvent
+from bridge.metrics import Metrics
+from bridge.receiver import build_app
+
+EXAMPLE_BODY = (CASES / "documented-example-cartopened.body.json").read_bytes()
+URL = "/one/klient/events"
+
+
+def basic(user: str = DEV_USER, password: str = DEV_PASSWORD) -> str:
+    return "Basic " + b64encode(f"{user}:{password}".encode()).decode()
+
+
+GOOD_HEADERS = {
+    "Authorization": basic(),
+    "Content-Type": "application/json",
+    "one-tenant": "klient",
+}
+
+
+class MemorySink:
+    """Records publishes; can be told to fail or to hold publishes until released."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[WebhookEvent, str]] = []
+        self.failure: str | None = None
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+        self.is_connected = True
+
+    async def publish(self, event: WebhookEvent, exchange_name: str, *, timeout: float) -> None:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failure:
+            raise PublishError(self.failure)
+        self.published.append((event, exchange_name))
+
+
+@pytest.fixture
+def sink() -> MemorySink:
+    return MemorySink()
+
+
+def make_app(sink: MemorySink, metrics: Metrics, **sections: object) -> web.Application:
+    cfg = make_config(**sections)
+    delivery = Delivery(
+        sink,
+        RoutingTable({key: t.exchanges for key, t in cfg.tenants.items()}),
+        publish_timeout_seconds=cfg.broker.publish_timeout_seconds,
+        max_in_flight=cfg.broker.max_in_flight,
+    )
+    return build_app(delivery=delivery, tenants=cfg.tenants, settings=cfg.receiver, metrics=metrics)
+
+
+@pytest.fixture
+async def client(aiohttp_client, sink, metrics):
+    return await aiohttp_client(make_app(sink, metrics))
+
+
+async def test_documented_example_is_forwarded_byte_for_byte(client, sink, metrics):
+    """The documented callback gets 200 and its exact bytes go to the documented exchange."""
+    response = await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)
+    assert response.status == 200
+    assert await response.json() == {
+        "status": "published",
+        "eventId": "13200948-cf44-4853-9eee-88eb9284ea23",
+    }
+    [(event, exchange)] = sink.published
+    assert exchange == "p-u-o-m-e-c-cartopened-klient"
+    assert event.body == EXAMPLE_BODY
+    assert (event.tenant, event.event_type) == ("klient", "CartOpened")
+    assert (
+        metrics.registry.get_sample_value(
+            "onebridge_webhook_requests_total", {"event_type": "CartOpened", "outcome": "published"}
+        )
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("event_type", "exchange"),
+    [
+        ("ClientLogged", "p-u-o-m-e-c-clientlogged-klient"),
+        ("OfferOpened", "p-u-o-m-e-o-offeropened-klient"),
+    ],
+)
+async def test_each_documented_type_goes_to_its_exchange(client, sink, event_type, exchange):
+    """ClientLogged and OfferOpened route by the documented table."""
+    body = b'{"type": "%s", "tenantKey": "klient", "eventId": "e-1"}' % event_type.encode()
+    response = await client.post(URL, data=body, headers=GOOD_HEADERS)
+    assert response.status == 200
+    assert sink.published[0][1] == exchange
+
+
+async def test_unknown_type_is_published_to_unrouted_not_dropped(client, sink):
+    """A type the tenant does not know yet is kept in one-bridge.unrouted."""
+    body = b'{"type": "BrandNewEvent", "eventId": "e-2"}'
+    response = await client.post(URL, data=body, headers=GOOD_HEADERS)
+    assert response.status == 200
+    assert (await response.json())["status"] == "unrouted"
+    assert sink.published[0][1] == UNROUTED_EXCHANGE
+
+
+async def test_configured_exchange_overrides_the_documented_one(aiohttp_client, sink, metrics):
+    """An explicit `exchanges` entry wins over the documented table."""
+    app = make_app(
+        sink,
+        metrics,
+        tenants={
+            "klient": {
+                "username": DEV_USER,
+                "passwords": [DEV_PASSWORD],
+                "exchanges": {"CartOpened": "carts.custom"},
+            }
+        },
+    )
+    client = await aiohttp_client(app)
+    assert (await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)).status == 200
+    assert sink.published[0][1] == "carts.custom"
+
+
+def _without(name: str) -> dict[str, str]:
+    return {k: v for k, v in GOOD_HEADERS.items() if k != name}
+
+
+REJECTIONS = [
+    ("unknown tenant", "/one/other/events", GOOD_HEADERS, EXAMPLE_BODY, 404, "unknown_tenant"),
+    ("no credentials", URL, _without("Authorization"), EXAMPLE_BODY, 401, "unauthorized"),
+    (
+        "wrong password",
+        URL,
+        {**GOOD_HEADERS, "Authorization": basic(password="nope")},
+        EXAMPLE_BODY,
+        401,
+        "unauthorized",
+    ),
+    (
+        "wrong user",
+        URL,
+        {**GOOD_HEADERS, "Authorization": basic(user="admin")},
+        EXAMPLE_BODY,
+        401,
+        "unauthorized",
+    ),
+    (
+        "garbled header",
+        URL,
+        {**GOOD_HEADERS, "Authorization": "Basic %%%"},
+        EXAMPLE_BODY,
+        401,
+        "unauthorized",
+    ),
+    (
+        "text content type",
+        URL,
+        {**GOOD_HEADERS, "Content-Type": "text/plain"},
+        EXAMPLE_BODY,
+        415,
+        "unsupported_media_type",
+    ),
+    (
+        "form content type",
+        URL,
+        {**GOOD_HEADERS, "Content-Type": "application/x-www-form-urlencoded"},
+        EXAMPLE_BODY,
+        415,
+        "unsupported_media_type",
+    ),
+    ("not JSON", URL, GOOD_HEADERS, b"type=CartOpened", 400, "invalid_body"),
+    ("JSON array", URL, GOOD_HEADERS, b"[]", 400, "invalid_body"),
+    ("empty body", URL, GOOD_HEADERS, b"", 400, "invalid_body"),
+    ("eventId missing", URL, GOOD_HEADERS, b'{"type": "CartOpened"}', 400, "invalid_body"),
+    (
+        "eventId a number",
+        URL,
+        GOOD_HEADERS,
+        b'{"type": "CartOpened", "eventId": 7}',
+        400,
+        "invalid_body",
+    ),
+    (
+        "type too long",
+        URL,
+        GOOD_HEADERS,
+        b'{"type": "' + b"T" * 256 + b'", "eventId": "e"}',
+        400,
+        "invalid_body",
+    ),
+    (
+        "tenant header differs",
+        URL,
+        {**GOOD_HEADERS, "one-tenant": "someone-else"},
+        EXAMPLE_BODY,
+        400,
+        "tenant_mismatch",
+    ),
+    (
+        "body over the limit",
+        URL,
+        GOOD_HEADERS,
+        b'{"type": "x", "eventId": "e", "pad": "' + b"x" * 262_144 + b'"}',
+        413,
+        "too_large",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "body", "status", "reason"),
+    [case[1:] for case in REJECTIONS],
+    ids=[case[0] for case in REJECTIONS],
+)
+async def test_bad_input_gets_a_precise_status_and_nothing_is_published(
+    client, sink, metrics, path, headers, body, status, reason
+):
+    """Each rejection answers its own 4xx, names the reason, counts it, and publishes nothing."""
+    response = await client.post(path, data=body, headers=headers)
+    assert response.status == status
+    assert (await response.json())["error"] == reason
+    assert sink.published == []
+    assert (
+        metrics.registry.get_sample_value("onebridge_webhook_rejections_total", {"reason": reason})
+        == 1
+    )
+    if status == 401:
+        assert response.headers["WWW-Authenticate"].startswith("Basic ")
+
+
+async def test_chunked_body_over_the_limit_is_413(client, sink):
+    """A chunked body (no Content-Length) is measured as it streams in."""
+
+    async def chunks():
+        for _ in range(300):
+            yield b"x" * 1024
+
+    response = await client.post(URL, data=chunks(), headers=GOOD_HEADERS)
+    assert response.status == 413
+    assert sink.published == []
+
+
+async def test_body_that_never_arrives_times_out_with_408(aiohttp_server, sink, metrics):
+    """A Content-Length larger than what is sent does not hold a handler forever."""
+    server = await aiohttp_server(make_app(sink, metrics, receiver={"body_timeout_seconds": 0.2}))
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(
+        b"POST /one/klient/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: " + basic().encode() + b'\r\nContent-Length: 500\r\n\r\n{"type"'
+    )
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    assert status_line.startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json; charset=utf-8", "application/vnd.one+json", "APPLICATION/JSON"],
+)
+async def test_json_media_types_are_accepted(client, sink, content_type):
+    """JSON with parameters, +json suffixes and any letter case are all JSON."""
+    headers = {**GOOD_HEADERS, "Content-Type": content_type}
+    assert (await client.post(URL, data=EXAMPLE_BODY, headers=headers)).status == 200
+
+
+async def test_missing_one_tenant_header_is_accepted(client, sink):
+    """The tenant header is checked when present; the path names the tenant."""
+    response = await client.post(URL, data=EXAMPLE_BODY, headers=_without("one-tenant"))
+    assert response.status == 200
+
+
+async def test_previous_password_still_works_during_rotation(aiohttp_client, sink, metrics):
+    """Every password in the list is accepted; the first is the current one."""
+    app = make_app(
+        sink,
+        metrics,
+        tenants={"klient": {"username": DEV_USER, "passwords": ["new-one", DEV_PASSWORD]}},
+    )
+    client = await aiohttp_client(app)
+    for password in ("new-one", DEV_PASSWORD):
+        headers = {**GOOD_HEADERS, "Authorization": basic(password=password)}
+        assert (await client.post(URL, data=EXAMPLE_BODY, headers=headers)).status == 200
+
+
+async def test_tenant_with_auth_none_needs_no_credentials(aiohttp_client, sink, metrics):
+    """auth = 'none' must be explicit, and then no Authorization header is needed."""
+    client = await aiohttp_client(make_app(sink, metrics, tenants={"open": {"auth": "none"}}))
+    response = await client.post(
+        "/one/open/events", data=EXAMPLE_BODY, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 200
+    assert sink.published[0][1] == "p-u-o-m-e-c-cartopened-open"
+
+
+async def test_unconfirmed_publish_is_503_with_retry_after(client, sink, metrics):
+    """When the broker does not confirm, the sender is told to retry, never told 200."""
+    sink.failure = "timeout"
+    response = await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
+    assert (await response.json())["error"] == "unavailable"
+
+
+async def test_publishes_beyond_the_in_flight_bound_get_a_fast_503(aiohttp_client, sink, metrics):
+    """With the bound reached, a new request is refused at once rather than queued."""
+    client = await aiohttp_client(make_app(sink, metrics, broker={"max_in_flight": 1}))
+    sink.gate = asyncio.Event()
+    first = asyncio.create_task(client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS))
+    await sink.entered.wait()
+    second = await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)
+    assert second.status == 503
+    assert (await second.json())["error"] == "overloaded"
+    sink.gate.set()
+    assert (await first).status == 200
+
+
+async def test_other_methods_and_paths_are_not_served(client, sink):
+    """Only POST to the events path exists."""
+    assert (await client.get(URL)).status == 405
+    assert (await client.post("/one/klient", data=EXAMPLE_BODY, headers=GOOD_HEADERS)).status == 404
+    assert sink.published == []

@@ -1,0 +1,66 @@
+"""Shared fixtures: configs, fresh metrics, and the real RabbitMQ for integration tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import config
+from bridge.metrics import Metrics
+
+CASES = Path(__file__).parent / "cases"
+DEV_USER, DEV_PASSWORD = "one", "dev-password"
+
+
+@pytest.fixture(autouse=True)
+def _clean_bridge_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's BRIDGE_* variables must not leak into what a test configures."""
+    for name in list(os.environ):
+        if name.startswith("BRIDGE_") and name != "BRIDGE_TEST_AMQP_URL":
+            monkeypatch.delenv(name)
+
+
+def make_config(**sections: Any) -> config.Config:
+    """A valid config: tenant klient with the dev credentials, loopback ports chosen by the OS."""
+    base: dict[str, Any] = {
+        "receiver": {"host": "127.0.0.1", "port": 0},
+        "ops": {"host": "127.0.0.1", "port": 0},
+        "tenants": {"klient": {"username": DEV_USER, "passwords": [DEV_PASSWORD]}},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    return config.load(None, overrides=base)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+class ExternalBroker:
+    """A broker the developer runs (BRIDGE_TEST_AMQP_URL); tests that stop it are skipped."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def stop_app(self) -> None:
+        pytest.skip("BRIDGE_TEST_AMQP_URL is set: this test stops the broker")
+
+    start_app = stop_app
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real RabbitMQ for the whole run, on free loopback ports in a temp dir."""
+    external = os.environ.get("BRIDGE_TEST_AMQP_URL")
+    if external:
+        yield ExternalBroker(external)
+        return
+    from bridge.devbroker import LocalBroker
+
+    with LocalBroker(tmp_path_factory.mktemp("rabbitmq"), port=0) as broker:
+        yield broker

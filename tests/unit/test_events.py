@@ -1,0 +1,78 @@
+"""Parsing callbacks and routing them to exchanges."""
+
+from pathlib import Path
+
+import pytest
+
+from bridge.errors import InvalidBody
+from bridge.events import RoutingTable, documented_exchanges, parse_event
+
+CASES = Path(__file__).parent.parent / "cases"
+
+
+def test_documented_example_parses_and_keeps_its_bytes():
+    """The documented example yields its type and eventId; the body is kept as received."""
+    body = (CASES / "documented-example-cartopened.body.json").read_bytes()
+    event = parse_event(body, tenant="klient", received_at=1.0)
+    assert (event.event_type, event.event_id) == (
+        "CartOpened",
+        "13200948-cf44-4853-9eee-88eb9284ea23",
+    )
+    assert event.body is body
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"", "not valid JSON"),
+        (b"{", "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b"[]", "not a JSON object"),
+        (b'"x"', "not a JSON object"),
+        (b'{"eventId": "e"}', "'type' is missing"),
+        (b'{"type": "CartOpened"}', "'eventId' is missing"),
+        (b'{"type": 1, "eventId": "e"}', "'type' is not a string"),
+        (b'{"type": "CartOpened", "eventId": null}', "'eventId' is missing"),
+        (b'{"type": "CartOpened", "eventId": ["e"]}', "'eventId' is not a string"),
+        (b'{"type": "", "eventId": "e"}', "'type' is empty"),
+        (b'{"type": "CartOpened", "eventId": "' + b"e" * 256 + b'"}', "longer than 255"),
+        (b'{"type": "CartOpened", "eventId": "' + "é".encode() * 128 + b'"}', "longer than 255"),
+        (b'{"type": "CartOpened", "eventId": "\\ud800"}', "JSON|UTF-8"),
+    ],
+)
+def test_invalid_bodies_are_rejected_with_a_reason(body, detail):
+    """Each malformed body raises InvalidBody naming what is wrong."""
+    with pytest.raises(InvalidBody, match=detail):
+        parse_event(body, tenant="klient", received_at=1.0)
+
+
+def test_255_byte_ids_are_accepted():
+    """The AMQP short-string limit is inclusive."""
+    body = b'{"type": "CartOpened", "eventId": "' + b"e" * 255 + b'"}'
+    assert len(parse_event(body, tenant="t", received_at=1.0).event_id) == 255
+
+
+def test_documented_table_ends_in_the_tenant_key():
+    """Without other information the documented exchangeName table applies."""
+    assert documented_exchanges("klient") == {
+        "CartOpened": "p-u-o-m-e-c-cartopened-klient",
+        "ClientLogged": "p-u-o-m-e-c-clientlogged-klient",
+        "OfferOpened": "p-u-o-m-e-o-offeropened-klient",
+    }
+
+
+def test_config_beats_platform_beats_documented_table():
+    """Precedence: explicit config entry, then the platform's /types, then the documentation."""
+    routes = RoutingTable({"klient": {"CartOpened": "from-config"}})
+    routes.set_platform_exchanges(
+        "klient", {"CartOpened": "from-platform", "ClientLogged": "platform-logged", "New": "n-x"}
+    )
+    assert routes.exchange_for("klient", "CartOpened") == "from-config"
+    assert routes.exchange_for("klient", "ClientLogged") == "platform-logged"
+    assert routes.exchange_for("klient", "OfferOpened") == "p-u-o-m-e-o-offeropened-klient"
+    assert routes.exchange_for("klient", "New") == "n-x"
+
+
+def test_unknown_type_has_no_exchange():
+    """A type the tenant does not know is not guessed."""
+    assert RoutingTable({}).exchange_for("klient", "SomethingNew") is None
