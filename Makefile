@@ -26,6 +26,7 @@ test: venv broker-deps
 
 lint: venv
 	$(VENV)/bin/ruff check bridge tests
+	$(VENV)/bin/mypy --strict bridge
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .ruff_cache build *.egg-info

@@ -14,12 +14,14 @@ from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Config
-from bridge.delivery import Delivery
+from bridge.dedupe import RecentEvents
+from bridge.delivery import Delivery, Replayer
 from bridge.events import RoutingTable
 from bridge.metrics import Metrics
 from bridge.ops import build_ops_app
 from bridge.publisher import AmqpPublisher
 from bridge.receiver import build_app
+from bridge.spool import SqliteSpool
 
 log = structlog.get_logger("bridge.app")
 
@@ -39,23 +41,27 @@ class Bridge:
             on_state_change=self._on_broker_state,
             on_publish=self.metrics.record_publish,
         )
-        self.delivery = Delivery(
-            self.publisher,
-            self.routes,
-            publish_timeout_seconds=config.broker.publish_timeout_seconds,
-            max_in_flight=config.broker.max_in_flight,
-        )
         self.is_draining = False
         self.receiver_port = 0
         self.ops_port = 0
         self._stack = AsyncExitStack()
+        # Made in _start(), around the opened spool.
+        self._delivery: Delivery | None = None
+        self._replayer: Replayer | None = None
+
+    @property
+    def delivery(self) -> Delivery:
+        assert self._delivery is not None, "the bridge has not started"
+        return self._delivery
 
     def is_ready(self) -> bool:
-        """Ready when an event can be accepted now, and not shutting down."""
-        return not self.is_draining and self.delivery.can_accept
+        """Ready when an event can be accepted now (broker or spool), and not shutting down."""
+        return not self.is_draining and self._delivery is not None and self._delivery.can_accept
 
     def _on_broker_state(self, is_connected: bool) -> None:
         self.metrics.broker_connected.set(1 if is_connected else 0)
+        if is_connected and self._replayer is not None:
+            self._replayer.wake()
 
     async def __aenter__(self) -> Bridge:
         log.info("bridge.starting", version=__version__)
@@ -76,25 +82,56 @@ class Bridge:
         self.is_draining = True
         log.info("bridge.stopping", in_flight=self.delivery.in_flight)
         await self._stack.aclose()
-        log.info("bridge.stopped")
+        log.info("bridge.stopped", spooled_events=self.spool.stats().events)
 
     async def _start(self) -> None:
+        config = self.config
         # Ops first and stopped last, so metrics stay scrapeable while draining.
         ops_runner = web.AppRunner(
             build_ops_app(metrics=self.metrics, is_ready=self.is_ready), access_log=None
         )
-        self.ops_port = await _listen(ops_runner, self.config.ops.host, self.config.ops.port)
+        self.ops_port = await _listen(ops_runner, config.ops.host, config.ops.port)
         self._stack.push_async_callback(ops_runner.cleanup)
 
-        # Broker in the background: until it is connected the bridge is up but not ready.
+        # The spool is the promise behind every 200: without it the bridge does not start.
+        self.spool: SqliteSpool = await SqliteSpool.open(
+            config.spool.dir, max_bytes=config.spool.max_bytes, max_events=config.spool.max_events
+        )
+        self._stack.push_async_callback(self.spool.close)
+
+        replayer = self._replayer = Replayer(
+            self.spool,
+            self.publisher,
+            publish_timeout_seconds=config.broker.publish_timeout_seconds,
+            batch_size=config.spool.replay_batch_size,
+            max_attempts=config.spool.max_attempts,
+            on_replayed=self.metrics.spool_replayed.inc,
+            on_dead_letter=lambda reason: self.metrics.spool_dead_lettered.labels(reason).inc(),
+        )
+        delivery = self._delivery = Delivery(
+            self.publisher,
+            self.spool,
+            self.routes,
+            RecentEvents(
+                window_seconds=config.dedupe.window_seconds, max_events=config.dedupe.max_events
+            ),
+            publish_timeout_seconds=config.broker.publish_timeout_seconds,
+            max_in_flight=config.broker.max_in_flight,
+            on_spooled=self._on_spooled,
+        )
+        self.metrics.watch_spool(self.spool.stats, lambda: delivery.is_spool_writable)
+
+        # Broker in the background: until it is connected, accepted events are spooled.
         await self.publisher.start()
         self._stack.push_async_callback(self.publisher.close)
+        await replayer.start()
+        self._stack.push_async_callback(replayer.stop)
 
-        receiver = self.config.receiver
+        receiver = config.receiver
         receiver_runner = web.AppRunner(
             build_app(
-                delivery=self.delivery,
-                tenants=self.config.tenants,
+                delivery=delivery,
+                tenants=config.tenants,
                 settings=receiver,
                 metrics=self.metrics,
             ),
@@ -103,9 +140,14 @@ class Bridge:
             shutdown_timeout=receiver.shutdown_timeout_seconds,
         )
         self.receiver_port = await _listen(
-            receiver_runner, receiver.host, receiver.port, ssl_context=_tls_context(self.config)
+            receiver_runner, receiver.host, receiver.port, ssl_context=_tls_context(config)
         )
         self._stack.push_async_callback(receiver_runner.cleanup)
+
+    def _on_spooled(self) -> None:
+        self.metrics.spool_appended.inc()
+        if self._replayer is not None:
+            self._replayer.wake()
 
 
 async def _listen(

@@ -114,6 +114,24 @@ class OpsConfig(_Section):
     port: int = Field(default=9102, ge=0, le=65535)
 
 
+class SpoolConfig(_Section):
+    """Durable outbox for events the broker did not confirm in time."""
+
+    dir: Path = Path("/var/lib/one-bridge/spool")
+    max_bytes: PositiveInt = 1024**3
+    max_events: PositiveInt = 1_000_000
+    replay_batch_size: PositiveInt = 256
+    # A record the broker refuses this often (returned, channel error) is set aside.
+    max_attempts: PositiveInt = 5
+
+
+class DedupeConfig(_Section):
+    """Window of recently accepted eventIds per tenant; 0 in either key turns it off."""
+
+    window_seconds: float = Field(default=600.0, ge=0)
+    max_events: int = Field(default=100_000, ge=0)
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -189,6 +207,8 @@ class Config(BaseSettings):
     broker: BrokerConfig = BrokerConfig()
     receiver: ReceiverConfig = ReceiverConfig()
     ops: OpsConfig = OpsConfig()
+    spool: SpoolConfig = SpoolConfig()
+    dedupe: DedupeConfig = DedupeConfig()
     log: LogConfig = LogConfig()
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
 

@@ -86,3 +86,10 @@ class SpoolError(BridgeError, OSError):
 
 class SpoolFull(SpoolError):
     """The spool already holds its configured maximum of events or body bytes."""
+
+
+class SpoolFullRejected(RejectedEvent):
+    """The broker cannot take the event now and the spool is at its bound."""
+
+    status = 503
+    reason = "spool_full"

@@ -15,6 +15,7 @@ MAX_SHORT_STRING_BYTES = 255
 
 UNROUTED_EXCHANGE = "one-bridge.unrouted"
 UNKNOWN_TYPE_LABEL = "unknown"
+_ZERO_UUID = "00000000-0000-0000-0000-000000000000"
 
 # The platform's documented type -> exchangeName table, with the tenant key as suffix.
 _DOCUMENTED_EXCHANGE_STEMS = MappingProxyType(
@@ -36,6 +37,8 @@ class WebhookEvent:
     event_id: str
     body: bytes
     received_at: float  # unix seconds
+    # Sent by the platform's "example" call: never treated as a duplicate (see is_example_body).
+    is_example: bool = False
 
 
 def documented_exchanges(tenant: str) -> dict[str, str]:
@@ -53,7 +56,29 @@ def parse_event(body: bytes, *, tenant: str, received_at: float) -> WebhookEvent
         raise InvalidBody("body is not a JSON object")
     event_type = _short_string(document, "type")
     event_id = _short_string(document, "eventId")
-    return WebhookEvent(tenant, event_type, event_id, body, received_at)
+    return WebhookEvent(
+        tenant, event_type, event_id, body, received_at, is_example=is_example_body(document)
+    )
+
+
+def is_example_body(document: Mapping[str, object]) -> bool:
+    """The platform's example call sends tenantKey "example" and all-zero ids.
+
+    Either sign is enough: a real event has neither, and an example swallowed as a duplicate
+    would make a working registration look broken.
+    """
+    if document.get("tenantKey") == "example":
+        return True
+    ids = [
+        value
+        for key, value in document.items()
+        if key.endswith("Id") and key != "eventId" and isinstance(value, str)
+    ]
+    return bool(ids) and all(_is_zero_id(value) for value in ids)
+
+
+def _is_zero_id(value: str) -> bool:
+    return value.rpartition(":")[2] == _ZERO_UUID
 
 
 def _short_string(document: Mapping[str, object], field: str) -> str:

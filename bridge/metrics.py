@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,7 +19,10 @@ from bridge import __version__
 from bridge.errors import PUBLISH_FAILURES, RejectedEvent
 from bridge.events import KNOWN_EVENT_TYPES, UNKNOWN_TYPE_LABEL
 
-OUTCOMES = ("published", "unrouted", "rejected", "failed")
+if TYPE_CHECKING:
+    from bridge.spool import SpoolStats
+
+OUTCOMES = ("published", "unrouted", "spooled", "duplicate", "rejected", "failed")
 PUBLISH_RESULTS = ("confirmed", *PUBLISH_FAILURES)
 _LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BODY_BUCKETS_BYTES = (256, 512, 1024, 4096, 16384, 65536, 262144, 1048576)
@@ -98,8 +104,53 @@ class Metrics:
             "1 while the bridge holds a connection to RabbitMQ.",
             registry=registry,
         )
+        self.broker_blocked = Gauge(
+            "onebridge_broker_blocked",
+            "1 while RabbitMQ blocks the connection (resource alarm).",
+            registry=registry,
+        )
         self.ready = Gauge(
             "onebridge_ready", "1 while the bridge reports ready.", registry=registry
+        )
+        self.duplicates = Counter(
+            "onebridge_webhook_duplicates_total",
+            "Callbacks answered 200 without a publish: eventId seen inside the window.",
+            registry=registry,
+        )
+        self.spool_events = Gauge(
+            "onebridge_spool_events", "Events waiting in the spool.", registry=registry
+        )
+        self.spool_bytes = Gauge(
+            "onebridge_spool_bytes", "Body bytes waiting in the spool.", registry=registry
+        )
+        self.spool_oldest = Gauge(
+            "onebridge_spool_oldest_event_timestamp_seconds",
+            "Receive time of the oldest spooled event (0 when empty).",
+            registry=registry,
+        )
+        self.spool_dead_letters = Gauge(
+            "onebridge_spool_dead_letters",
+            "Records set aside because the broker refused them for good.",
+            registry=registry,
+        )
+        self.spool_writable = Gauge(
+            "onebridge_spool_writable",
+            "1 while the spool takes appends (0 after a write failed).",
+            registry=registry,
+        )
+        self.spool_appended = Counter(
+            "onebridge_spool_appended_total", "Events written to the spool.", registry=registry
+        )
+        self.spool_replayed = Counter(
+            "onebridge_spool_replayed_total",
+            "Spooled events published and confirmed.",
+            registry=registry,
+        )
+        self.spool_dead_lettered = Counter(
+            "onebridge_spool_dead_lettered_total",
+            "Records moved to the dead-letter table, by reason.",
+            ["reason"],
+            registry=registry,
         )
         self._initialise()
 
@@ -115,6 +166,14 @@ class Metrics:
             self.webhook_rejections.labels(reason=reason)
         for outcome in OUTCOMES:
             self.webhook_duration.labels(outcome=outcome)
+
+    def watch_spool(self, stats: Callable[[], SpoolStats], is_writable: Callable[[], bool]) -> None:
+        """Spool gauges read the spool's in-memory stats at scrape time: nothing per event."""
+        self.spool_events.set_function(lambda: stats().events)
+        self.spool_bytes.set_function(lambda: stats().body_bytes)
+        self.spool_oldest.set_function(lambda: stats().oldest_received_at or 0.0)
+        self.spool_dead_letters.set_function(lambda: stats().dead_letters)
+        self.spool_writable.set_function(lambda: 1.0 if is_writable() else 0.0)
 
     def record_publish(self, event_type: str, result: str, seconds: float) -> None:
         self.broker_publishes.labels(event_type=event_type_label(event_type), result=result).inc()

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.metrics import Metrics
 
-READINESS = web.AppKey("readiness", Callable[[], bool])
+READINESS: web.AppKey[Callable[[], bool]] = web.AppKey("readiness")
 OPS_METRICS = web.AppKey("ops_metrics", Metrics)
 
 

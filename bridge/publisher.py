@@ -97,6 +97,17 @@ class AmqpPublisher:
             and not self._channel.is_closed
         )
 
+    @property
+    def is_blocked(self) -> bool:
+        """True while RabbitMQ has blocked the connection (connection.blocked: resource alarm)."""
+        connection = self._connection
+        transport = connection.transport if connection is not None else None
+        if transport is None:
+            return False
+        # aiormq tracks connection.blocked in a private event and exposes no accessor for it.
+        unblocked = getattr(transport.connection, "_Connection__connection_unblocked", None)
+        return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+
     async def wait_connected(self) -> None:
         await self._ready.wait()
 
@@ -118,6 +129,9 @@ class AmqpPublisher:
         if not self.is_connected:
             self._on_publish(event.event_type, "disconnected", 0.0)
             raise PublishError("disconnected")
+        if self.is_blocked:
+            self._on_publish(event.event_type, "blocked", 0.0)
+            raise PublishError("blocked")
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:

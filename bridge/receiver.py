@@ -32,6 +32,8 @@ TENANTS = web.AppKey("tenants", Mapping[str, TenantConfig])
 SETTINGS = web.AppKey("settings", ReceiverConfig)
 
 RETRY_AFTER_SECONDS = "5"
+# Safe, but worth a look: unknown types, and events waiting on disk for the broker.
+_DEGRADED_OUTCOMES = frozenset({Outcome.UNROUTED, Outcome.SPOOLED})
 _WWW_AUTHENTICATE = 'Basic realm="one-bridge", charset="UTF-8"'
 # Free text from the request (path tenant, type) is cut to this length in logs.
 _LOGGED_TEXT_CHARS = 64
@@ -118,7 +120,9 @@ async def handle_callback(request: web.Request) -> web.Response:
         body_bytes=body_bytes,
         duration_ms=round(seconds * 1000, 2),
     )
-    if outcome is Outcome.UNROUTED:
+    if outcome is Outcome.DUPLICATE:
+        metrics.duplicates.inc()
+    if outcome in _DEGRADED_OUTCOMES:
         log.warning("webhook.handled", **fields)
     else:
         log.info("webhook.handled", **fields)

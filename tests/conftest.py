@@ -17,11 +17,13 @@ DEV_USER, DEV_PASSWORD = "one", "dev-password"
 
 
 @pytest.fixture(autouse=True)
-def _clean_bridge_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's BRIDGE_* variables must not leak into what a test configures."""
+def _clean_bridge_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A developer's BRIDGE_* variables must not leak into what a test configures; each test
+    (and each bridge process it starts) gets a spool of its own."""
     for name in list(os.environ):
         if name.startswith("BRIDGE_") and name != "BRIDGE_TEST_AMQP_URL":
             monkeypatch.delenv(name)
+    monkeypatch.setenv("BRIDGE_SPOOL__DIR", str(tmp_path / "spool"))
 
 
 def make_config(**sections: Any) -> config.Config:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from base64 import b64encode
+from collections.abc import AsyncIterator, Callable
 
+import orjson
 import pytest
 from aiohttp import web
 from conftest import CASES, DEV_PASSWORD, DEV_USER, make_config
 
+from bridge.dedupe import RecentEvents
 from bridge.delivery import Delivery
 from bridge.errors import PublishError
 from bridge.events import UNROUTED_EXCHANGE, RoutingTable, WebhookEvent
-from bridge.metrics import Metrics
-from bridge.receiver import build_app
+from bridge.receiver import DELIVERY, build_app
+from bridge.spool import SqliteSpool
 
 EXAMPLE_BODY = (CASES / "documented-example-cartopened.body.json").read_bytes()
 URL = "/one/klient/events"
@@ -39,6 +42,7 @@ class MemorySink:
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
         self.is_connected = True
+        self.is_blocked = False
 
     async def publish(self, event: WebhookEvent, exchange_name: str, *, timeout: float) -> None:
         self.entered.set()
@@ -54,20 +58,36 @@ def sink() -> MemorySink:
     return MemorySink()
 
 
-def make_app(sink: MemorySink, metrics: Metrics, **sections: object) -> web.Application:
-    cfg = make_config(**sections)
-    delivery = Delivery(
-        sink,
-        RoutingTable({key: t.exchanges for key, t in cfg.tenants.items()}),
-        publish_timeout_seconds=cfg.broker.publish_timeout_seconds,
-        max_in_flight=cfg.broker.max_in_flight,
-    )
-    return build_app(delivery=delivery, tenants=cfg.tenants, settings=cfg.receiver, metrics=metrics)
+@pytest.fixture
+async def spool(tmp_path) -> AsyncIterator[SqliteSpool]:
+    async with await SqliteSpool.open(tmp_path / "spool", max_bytes=10**6, max_events=3) as opened:
+        yield opened
 
 
 @pytest.fixture
-async def client(aiohttp_client, sink, metrics):
-    return await aiohttp_client(make_app(sink, metrics))
+def make_app(sink, spool, metrics) -> Callable[..., web.Application]:
+    def make(**sections: object) -> web.Application:
+        cfg = make_config(**sections)
+        delivery = Delivery(
+            sink,
+            spool,
+            RoutingTable({key: t.exchanges for key, t in cfg.tenants.items()}),
+            RecentEvents(
+                window_seconds=cfg.dedupe.window_seconds, max_events=cfg.dedupe.max_events
+            ),
+            publish_timeout_seconds=cfg.broker.publish_timeout_seconds,
+            max_in_flight=cfg.broker.max_in_flight,
+        )
+        return build_app(
+            delivery=delivery, tenants=cfg.tenants, settings=cfg.receiver, metrics=metrics
+        )
+
+    return make
+
+
+@pytest.fixture
+async def client(aiohttp_client, make_app):
+    return await aiohttp_client(make_app())
 
 
 async def test_documented_example_is_forwarded_byte_for_byte(client, sink, metrics):
@@ -114,11 +134,11 @@ async def test_unknown_type_is_published_to_unrouted_not_dropped(client, sink):
     assert sink.published[0][1] == UNROUTED_EXCHANGE
 
 
-async def test_configured_exchange_overrides_the_documented_one(aiohttp_client, sink, metrics):
+async def test_configured_exchange_overrides_the_documented_one(
+    aiohttp_client, make_app, sink, metrics
+):
     """An explicit `exchanges` entry wins over the documented table."""
     app = make_app(
-        sink,
-        metrics,
         tenants={
             "klient": {
                 "username": DEV_USER,
@@ -251,9 +271,9 @@ async def test_chunked_body_over_the_limit_is_413(client, sink):
     assert sink.published == []
 
 
-async def test_body_that_never_arrives_times_out_with_408(aiohttp_server, sink, metrics):
+async def test_body_that_never_arrives_times_out_with_408(aiohttp_server, make_app, sink, metrics):
     """A Content-Length larger than what is sent does not hold a handler forever."""
-    server = await aiohttp_server(make_app(sink, metrics, receiver={"body_timeout_seconds": 0.2}))
+    server = await aiohttp_server(make_app(receiver={"body_timeout_seconds": 0.2}))
     reader, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(
         b"POST /one/klient/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -282,11 +302,11 @@ async def test_missing_one_tenant_header_is_accepted(client, sink):
     assert response.status == 200
 
 
-async def test_previous_password_still_works_during_rotation(aiohttp_client, sink, metrics):
+async def test_previous_password_still_works_during_rotation(
+    aiohttp_client, make_app, sink, metrics
+):
     """Every password in the list is accepted; the first is the current one."""
     app = make_app(
-        sink,
-        metrics,
         tenants={"klient": {"username": DEV_USER, "passwords": ["new-one", DEV_PASSWORD]}},
     )
     client = await aiohttp_client(app)
@@ -295,9 +315,9 @@ async def test_previous_password_still_works_during_rotation(aiohttp_client, sin
         assert (await client.post(URL, data=EXAMPLE_BODY, headers=headers)).status == 200
 
 
-async def test_tenant_with_auth_none_needs_no_credentials(aiohttp_client, sink, metrics):
+async def test_tenant_with_auth_none_needs_no_credentials(aiohttp_client, make_app, sink, metrics):
     """auth = 'none' must be explicit, and then no Authorization header is needed."""
-    client = await aiohttp_client(make_app(sink, metrics, tenants={"open": {"auth": "none"}}))
+    client = await aiohttp_client(make_app(tenants={"open": {"auth": "none"}}))
     response = await client.post(
         "/one/open/events", data=EXAMPLE_BODY, headers={"Content-Type": "application/json"}
     )
@@ -305,18 +325,133 @@ async def test_tenant_with_auth_none_needs_no_credentials(aiohttp_client, sink, 
     assert sink.published[0][1] == "p-u-o-m-e-c-cartopened-open"
 
 
-async def test_unconfirmed_publish_is_503_with_retry_after(client, sink, metrics):
-    """When the broker does not confirm, the sender is told to retry, never told 200."""
+async def test_unconfirmed_publish_is_spooled_and_answered_200(client, sink, spool):
+    """When the broker does not confirm in time, the event is on disk before the 200."""
     sink.failure = "timeout"
     response = await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)
+    assert response.status == 200
+    assert (await response.json())["status"] == "spooled"
+    [record] = await spool.head(10)
+    assert record.event.body == EXAMPLE_BODY
+    assert record.exchange == "p-u-o-m-e-c-cartopened-klient"
+
+
+async def test_disconnected_broker_spools_without_trying_to_publish(client, sink, spool):
+    """No connection: straight to the spool, the sink is not even asked."""
+    sink.is_connected = False
+    response = await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)
+    assert (await response.json())["status"] == "spooled"
+    assert not sink.entered.is_set()
+    assert spool.stats().events == 1
+
+
+async def test_events_behind_spooled_ones_for_the_same_exchange_are_spooled_too(
+    client, sink, spool
+):
+    """Per-exchange order: while the spool holds a CartOpened, the next one queues behind it."""
+    sink.failure = "timeout"
+    await client.post(URL, data=callback("CartOpened", "first"), headers=GOOD_HEADERS)
+    sink.failure = None
+    second = await client.post(URL, data=callback("CartOpened", "second"), headers=GOOD_HEADERS)
+    other = await client.post(URL, data=callback("OfferOpened", "other"), headers=GOOD_HEADERS)
+    assert (await second.json())["status"] == "spooled"
+    assert (await other.json())["status"] == "published"
+    assert [r.event.event_id for r in await spool.head(10)] == ["first", "second"]
+
+
+async def test_full_spool_is_503_never_200(client, sink, spool, metrics):
+    """With the broker away and the spool at its bound, the sender is told to retry."""
+    sink.is_connected = False
+    for n in range(3):
+        response = await client.post(
+            URL, data=callback("CartOpened", f"e{n}"), headers=GOOD_HEADERS
+        )
+        assert response.status == 200
+    response = await client.post(URL, data=callback("CartOpened", "e4"), headers=GOOD_HEADERS)
     assert response.status == 503
     assert response.headers["Retry-After"] == "5"
+    assert (await response.json())["error"] == "spool_full"
+    assert spool.stats().events == 3
+
+
+async def test_unwritable_spool_is_503_and_not_ready(aiohttp_client, make_app, sink, spool):
+    """A spool that fails to write answers 503 and stops claiming it can accept."""
+    app = make_app()
+    client = await aiohttp_client(app)
+    sink.is_connected = False
+    await spool.close()  # every later append fails with SpoolError
+    response = await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)
+    assert response.status == 503
     assert (await response.json())["error"] == "unavailable"
+    assert not app[DELIVERY].can_accept
 
 
-async def test_publishes_beyond_the_in_flight_bound_get_a_fast_503(aiohttp_client, sink, metrics):
+def callback(event_type: str, event_id: str, **fields: str) -> bytes:
+    document = {"type": event_type, "tenantKey": "klient", "eventId": event_id, **fields}
+    return orjson.dumps(document)
+
+
+async def test_same_event_id_twice_publishes_once(client, sink, metrics):
+    """A repeated eventId inside the window gets 200 'duplicate' and no second publish."""
+    body = callback("CartOpened", "twice", clientId="org:1")
+    first = await client.post(URL, data=body, headers=GOOD_HEADERS)
+    second = await client.post(URL, data=body, headers=GOOD_HEADERS)
+    assert (first.status, second.status) == (200, 200)
+    assert (await second.json())["status"] == "duplicate"
+    assert len(sink.published) == 1
+    assert metrics.registry.get_sample_value("onebridge_webhook_duplicates_total") == 1
+
+
+async def test_parallel_duplicates_publish_once(client, sink):
+    """Two copies in flight at once: the second waits for the first and is not published."""
+    sink.gate = asyncio.Event()
+    body = callback("ClientLogged", "parallel", clientId="org:2")
+    first = asyncio.create_task(client.post(URL, data=body, headers=GOOD_HEADERS))
+    await sink.entered.wait()
+    second = asyncio.create_task(client.post(URL, data=body, headers=GOOD_HEADERS))
+    sink.gate.set()
+    statuses = sorted(
+        [(await (await first).json())["status"], (await (await second).json())["status"]]
+    )
+    assert statuses == ["duplicate", "published"]
+    assert len(sink.published) == 1
+
+
+async def test_new_event_id_for_the_same_client_is_published(client, sink):
+    """Only eventId decides: a later ClientLogged of the same client is a new event."""
+    for event_id in ("login-1", "login-2"):
+        body = callback("ClientLogged", event_id, clientId="org:same")
+        await client.post(URL, data=body, headers=GOOD_HEADERS)
+    assert [e.event_id for e, _ in sink.published] == ["login-1", "login-2"]
+
+
+async def test_example_callbacks_are_never_swallowed_as_duplicates(client, sink):
+    """The platform's example (tenantKey 'example', zero ids) may reuse its eventId."""
+    for _ in range(3):
+        response = await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)
+        assert (await response.json())["status"] == "published"
+    assert len(sink.published) == 3
+
+
+async def test_failed_first_attempt_does_not_make_the_retry_a_duplicate(
+    aiohttp_client, make_app, sink, spool
+):
+    """If the first copy was not taken (503), the sender's retry is delivered."""
+    client = await aiohttp_client(make_app())
+    sink.is_connected = False
+    await spool.close()
+    body = callback("CartOpened", "retried")
+    assert (await client.post(URL, data=body, headers=GOOD_HEADERS)).status == 503
+    sink.is_connected = True
+    response = await client.post(URL, data=body, headers=GOOD_HEADERS)
+    assert (await response.json())["status"] == "published"
+
+
+async def test_publishes_beyond_the_in_flight_bound_get_a_fast_503(
+    aiohttp_client, make_app, sink, metrics
+):
     """With the bound reached, a new request is refused at once rather than queued."""
-    client = await aiohttp_client(make_app(sink, metrics, broker={"max_in_flight": 1}))
+    client = await aiohttp_client(make_app(broker={"max_in_flight": 1}))
     sink.gate = asyncio.Event()
     first = asyncio.create_task(client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS))
     await sink.entered.wait()

@@ -9,11 +9,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
-import aio_pika
 import aiohttp
 import pytest
 from conftest import CASES, DEV_PASSWORD, DEV_USER, make_config
-from support.amqp import bound_queue, drain, take, unique, wait_until
+from support.amqp import bound_queue, drain, durable_queue, take, unique, wait_until
 
 from bridge.app import Bridge
 from bridge.config import Config
@@ -166,86 +165,94 @@ async def test_rejected_callbacks_publish_nothing(rabbitmq):
         assert await drain(queue) == []
 
 
-async def test_configured_queue_is_declared_with_its_arguments_and_a_nack_is_503(rabbitmq):
-    """A [[broker.queues]] entry exists before any consumer and keeps events; when its
-    x-max-length with reject-publish makes the broker nack, the callback gets 503, not 200."""
+async def test_configured_queue_is_declared_and_a_nacked_event_is_spooled_then_delivered(
+    rabbitmq,
+):
+    """A [[broker.queues]] entry exists before any consumer, with its arguments: when its
+    x-max-length with reject-publish makes the broker nack, the event is spooled (200), and it
+    is delivered once the queue has room again."""
     tenant = unique("q")
     queue_name = unique("orders")
     exchange = f"p-u-o-m-e-c-clientlogged-{tenant}"
-    cfg = bridge_config(
-        rabbitmq.url,
-        tenant,
-        broker={
-            "queues": [
-                {
-                    "name": queue_name,
-                    "queue_type": "classic",
-                    "arguments": {"x-max-length": 1, "x-overflow": "reject-publish"},
-                    "bindings": [{"exchange": exchange, "routing_key": "ClientLogged"}],
-                }
-            ]
-        },
-    )
+    queues = [
+        {
+            "name": queue_name,
+            "queue_type": "classic",
+            "arguments": {"x-max-length": 1, "x-overflow": "reject-publish"},
+            "bindings": [{"exchange": exchange, "routing_key": "ClientLogged"}],
+        }
+    ]
+    cfg = bridge_config(rabbitmq.url, tenant, broker={"queues": queues})
     async with running(cfg) as bridge:
-        assert (await post(bridge, callback("ClientLogged", "kept"), tenant=tenant)).status == 200
+        first = await post(bridge, callback("ClientLogged", "kept"), tenant=tenant)
+        assert (await first.json())["status"] == "published"
         refused = await post(bridge, callback("ClientLogged", "over"), tenant=tenant)
-        assert refused.status == 503
-    connection = await aio_pika.connect(rabbitmq.url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.get_queue(queue_name)
-        assert [m.message_id for m in await drain(queue)] == ["kept"]
-        await queue.delete(if_unused=False, if_empty=False)
+        assert (await refused.json())["status"] == "spooled"
+        async with durable_queue(rabbitmq.url, queue_name) as queue:
+            [kept] = await take(queue, 1)
+            [over] = await take(queue, 1)
+        assert (kept.message_id, over.message_id) == ("kept", "over")
+        await wait_until(lambda: bridge.spool.stats().events == 0)
 
 
-async def test_broker_outage_gives_503_in_time_and_recovers_without_restart(rabbitmq):
-    """Broker stopped: 503 within the deadline; broker back: the next event is published."""
+async def test_broker_outage_spools_and_replays_in_order_without_restart(rabbitmq):
+    """Broker stopped: callbacks are spooled and answered 200 (this replaced the main job's 503);
+    broker back: the spool is replayed in order, then new events go straight through."""
     tenant = unique("outage")
+    exchange = f"p-u-o-m-e-c-cartopened-{tenant}"
     cfg = bridge_config(rabbitmq.url, tenant, broker={"publish_timeout_seconds": 2})
     metrics = Metrics()
+    queue_name = unique("outage-queue")
+    async with bound_queue(rabbitmq.url, exchange, name=queue_name):
+        pass  # durable: it survives the restart below
     async with running(cfg, metrics) as bridge:
         await asyncio.to_thread(rabbitmq.stop_app)
         try:
-            await wait_until(lambda: not bridge.is_ready())
-            started = time.monotonic()
-            response = await post(bridge, callback("CartOpened"), tenant=tenant)
-            assert response.status == 503
-            assert response.headers["Retry-After"]
-            assert time.monotonic() - started < 2 + 1
+            await wait_until(lambda: not bridge.publisher.is_connected)
+            assert bridge.is_ready()  # the spool takes events
+            for n in range(5):
+                response = await post(bridge, callback("CartOpened", f"down-{n}"), tenant=tenant)
+                assert (await response.json())["status"] == "spooled"
+            assert bridge.spool.stats().events == 5
         finally:
             await asyncio.to_thread(rabbitmq.start_app)
-        await wait_until(bridge.is_ready)
-        async with bound_queue(rabbitmq.url, f"p-u-o-m-e-c-cartopened-{tenant}") as queue:
-            response = await post(bridge, callback("CartOpened", "after"), tenant=tenant)
-            assert response.status == 200
-            [message] = await take(queue, 1)
-        assert message.message_id == "after"
-        assert metrics.registry.get_sample_value("onebridge_broker_connected") == 1
+        await wait_until(lambda: bridge.spool.stats().events == 0)
+        response = await post(bridge, callback("CartOpened", "after"), tenant=tenant)
+        assert (await response.json())["status"] == "published"
+    async with durable_queue(rabbitmq.url, queue_name) as queue:
+        messages = await take(queue, 6)
+    assert [m.message_id for m in messages] == [f"down-{n}" for n in range(5)] + ["after"]
+    assert metrics.registry.get_sample_value("onebridge_spool_replayed_total") == 5
 
 
-async def test_bridge_starts_without_a_broker_and_becomes_ready_when_it_appears(rabbitmq):
-    """Not ready (503s) while RabbitMQ is unreachable; ready and publishing once it is back."""
+async def test_bridge_started_without_a_broker_spools_then_delivers_when_it_appears(rabbitmq):
+    """RabbitMQ unreachable at start: ready thanks to the spool, events spooled; once the broker
+    is reachable they are replayed and new ones go straight through."""
     from urllib.parse import urlsplit
 
     from support.tcp_proxy import TcpProxy
 
     target = urlsplit(rabbitmq.url)
-    async with TcpProxy(target.hostname, target.port) as proxy:
+    tenant = unique("late")
+    async with (
+        TcpProxy(target.hostname, target.port) as proxy,
+        bound_queue(rabbitmq.url, f"p-u-o-m-e-c-cartopened-{tenant}") as queue,
+    ):
         proxy.cut()
-        tenant = unique("late")
         cfg = bridge_config(
             f"amqp://guest:guest@{proxy.host}:{proxy.port}/",
             tenant,
             broker={"connect_timeout_seconds": 1},
         )
         async with Bridge(cfg) as bridge:
-            assert not bridge.is_ready()
-            assert (await post(bridge, callback("CartOpened"), tenant=tenant)).status == 503
+            assert bridge.is_ready()
+            assert not bridge.publisher.is_connected
+            early = await post(bridge, callback("CartOpened", "early"), tenant=tenant)
+            assert (await early.json())["status"] == "spooled"
             proxy.restore()
             await asyncio.wait_for(bridge.publisher.wait_connected(), 30)
-            assert bridge.is_ready()
-            async with bound_queue(rabbitmq.url, f"p-u-o-m-e-c-cartopened-{tenant}") as queue:
-                response = await post(bridge, callback("CartOpened", "late-one"), tenant=tenant)
-                assert response.status == 200
-                [message] = await take(queue, 1)
-            assert message.message_id == "late-one"
+            await wait_until(lambda: bridge.spool.stats().events == 0)
+            late = await post(bridge, callback("CartOpened", "late"), tenant=tenant)
+            assert (await late.json())["status"] == "published"
+            messages = await take(queue, 2)
+    assert [m.message_id for m in messages] == ["early", "late"]

@@ -17,14 +17,25 @@ def unique(prefix: str) -> str:
 
 @asynccontextmanager
 async def bound_queue(
-    url: str, *exchanges: str, routing_key: str = "#", exchange_type: str = "topic"
+    url: str,
+    *exchanges: str,
+    routing_key: str = "#",
+    exchange_type: str = "topic",
+    name: str | None = None,
 ) -> AsyncIterator[AbstractQueue]:
-    """An exclusive queue bound to each exchange (declared here if missing, as the bridge does)."""
+    """A queue bound to each exchange (declared here if missing, as the bridge does).
+
+    Without a name: exclusive, gone with this connection. With a name: durable, so it outlives
+    a broker restart; `durable_queue()` reads it back afterwards.
+    """
     connection = await aio_pika.connect(url)
     try:
         channel = await connection.channel()
-        # Exclusive: gone with the connection; not auto-delete, so a consumer may come and go.
-        queue = await channel.declare_queue(unique("test"), exclusive=True)
+        if name is None:
+            # Not auto-delete, so a consumer may come and go.
+            queue = await channel.declare_queue(unique("test"), exclusive=True)
+        else:
+            queue = await channel.declare_queue(name, durable=True)
         for name in exchanges:
             if name == "one-bridge.unrouted":
                 exchange = await channel.declare_exchange(name, "fanout", durable=True)
@@ -37,6 +48,19 @@ async def bound_queue(
                 )
             await queue.bind(exchange, routing_key=routing_key)
         yield queue
+    finally:
+        await connection.close()
+
+
+@asynccontextmanager
+async def durable_queue(url: str, name: str) -> AsyncIterator[AbstractQueue]:
+    """An existing durable queue on a fresh connection; deleted when the block ends."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(name)
+        yield queue
+        await queue.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
 
