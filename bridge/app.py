@@ -16,6 +16,7 @@ from bridge import __version__
 from bridge.config import Config
 from bridge.dedupe import RecentEvents
 from bridge.delivery import Delivery, Replayer
+from bridge.errors import BridgeError
 from bridge.events import RoutingTable
 from bridge.metrics import Metrics
 from bridge.ops import build_ops_app
@@ -70,7 +71,15 @@ class Bridge:
         except BaseException:
             await self._stack.aclose()
             raise
-        log.info("bridge.started", receiver_port=self.receiver_port, ops_port=self.ops_port)
+        scheme = "https" if self.config.receiver.tls_cert_file else "http"
+        base = f"{scheme}://{self.config.receiver.host}:{self.receiver_port}"
+        log.info(
+            "bridge.started",
+            callback_urls=[f"{base}/one/{tenant}/events" for tenant in self.config.tenants],
+            ops_url=f"http://{self.config.ops.host}:{self.ops_port}",
+        )
+        if not self.config.tenants:
+            log.warning("bridge.no_tenants", hint="every callback gets 404; add [tenants.<key>]")
         return self
 
     async def __aexit__(
@@ -90,7 +99,7 @@ class Bridge:
         ops_runner = web.AppRunner(
             build_ops_app(metrics=self.metrics, is_ready=self.is_ready), access_log=None
         )
-        self.ops_port = await _listen(ops_runner, config.ops.host, config.ops.port)
+        self.ops_port = await _listen(ops_runner, config.ops.host, config.ops.port, key="ops")
         self._stack.push_async_callback(ops_runner.cleanup)
 
         # The spool is the promise behind every 200: without it the bridge does not start.
@@ -140,7 +149,11 @@ class Bridge:
             shutdown_timeout=receiver.shutdown_timeout_seconds,
         )
         self.receiver_port = await _listen(
-            receiver_runner, receiver.host, receiver.port, ssl_context=_tls_context(config)
+            receiver_runner,
+            receiver.host,
+            receiver.port,
+            key="receiver",
+            ssl_context=_tls_context(config),
         )
         self._stack.push_async_callback(receiver_runner.cleanup)
 
@@ -151,15 +164,23 @@ class Bridge:
 
 
 async def _listen(
-    runner: web.AppRunner, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    *,
+    key: str,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int:
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
         await site.start()
-    except OSError:
+    except OSError as exc:
         await runner.cleanup()
-        raise
+        raise BridgeError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); set {key}.port/{key}.host"
+            f" or BRIDGE_{key.upper()}__PORT"
+        ) from None
     # With port 0 the kernel picks one; tests read it back from here.
     return int(runner.addresses[-1][1])
 

@@ -1,4 +1,4 @@
-"""Command line: run, check-config, send. Exit codes: 0 success, 1 failure, 2 usage or config."""
+"""Command line: run, check-config, send, spool. Exit codes: 0 ok, 1 failure, 2 usage or config."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import orjson
 
 from bridge import __version__, config, log
-from bridge.errors import ConfigError
+from bridge.errors import BridgeError, ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -29,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"one-bridge: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BridgeError as exc:
+        print(f"one-bridge: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
 
@@ -48,6 +52,22 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(check)
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(handler=_check_config)
+
+    spool = commands.add_parser("spool", help="inspect, export or drain the durable spool")
+    spool_commands = spool.add_subparsers(dest="spool_command", metavar="ACTION", required=True)
+    stats = spool_commands.add_parser("stats", help="events, bytes, oldest age, dead letters")
+    export = spool_commands.add_parser("export", help="every record as JSON lines on stdout")
+    export.add_argument("--dead-letters", action="store_true", help="the dead-letter table")
+    drain = spool_commands.add_parser(
+        "drain", help="publish everything spooled now (the bridge must not be running)"
+    )
+    drain.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the broker (default 30)"
+    )
+    for action, handler in ((stats, _spool_stats), (export, _spool_export), (drain, _spool_drain)):
+        _add_config_flags(action)
+        action.add_argument("--json", action="store_true", help="print JSON")
+        action.set_defaults(handler=handler)
 
     from bridge import sender
 
@@ -92,6 +112,8 @@ def _check_config(args: argparse.Namespace) -> int:
         print(orjson.dumps(effective, option=orjson.OPT_INDENT_2).decode())
     else:
         print(f"configuration is valid ({args.config or 'defaults and environment'})")
+        if not cfg.tenants:
+            print("warning: no tenants configured: every callback would get 404", file=sys.stderr)
         for line in _flatten(effective):
             print(line)
     return EXIT_OK
@@ -114,3 +136,90 @@ def _send(args: argparse.Namespace) -> int:
     report = asyncio.run(sender.send_callbacks(options))
     print(sender.render_report(report, as_json=args.json))
     return sender.exit_code(report)
+
+
+def _spool_stats(args: argparse.Namespace) -> int:
+    from bridge.spool import read_stats
+
+    cfg = _load(args)
+    stats = read_stats(cfg.spool.dir)
+    oldest = stats.oldest_received_at
+    report = {
+        "dir": str(cfg.spool.dir),
+        "events": stats.events,
+        "body_bytes": stats.body_bytes,
+        "oldest_age_seconds": None if oldest is None else round(time.time() - oldest, 3),
+        "dead_letters": stats.dead_letters,
+    }
+    if args.json:
+        print(orjson.dumps(report).decode())
+    else:
+        for key, value in report.items():
+            print(f"{key:<20} {value}")
+    return EXIT_OK
+
+
+def _spool_export(args: argparse.Namespace) -> int:
+    from bridge.spool import DeadLetter, read_records
+
+    cfg = _load(args)
+    out = sys.stdout.buffer
+    for record in read_records(cfg.spool.dir, dead_letters=args.dead_letters):
+        event = record.event
+        line: dict[str, Any] = {
+            "seq": record.seq,
+            "exchange": record.exchange,
+            "tenant": event.tenant,
+            "event_type": event.event_type,
+            "event_id": event.event_id,
+            "received_at": event.received_at,
+            "spooled_at": record.spooled_at,
+            # Accepted bodies are valid JSON, so valid UTF-8: kept as the exact text.
+            "body": event.body.decode(),
+        }
+        if isinstance(record, DeadLetter):
+            line |= {"reason": record.reason, "dead_at": record.dead_at}
+        out.write(orjson.dumps(line) + b"\n")
+    out.flush()
+    return EXIT_OK
+
+
+def _spool_drain(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    log.configure(cfg.log.level, cfg.log.format)
+    return asyncio.run(_drain(cfg, args.timeout, as_json=args.json))
+
+
+async def _drain(cfg: config.Config, timeout_seconds: float, *, as_json: bool) -> int:
+    from bridge.delivery import Replayer
+    from bridge.publisher import AmqpPublisher
+    from bridge.spool import SqliteSpool
+
+    # The spool's lock refuses this while a bridge runs: that bridge replays by itself.
+    async with await SqliteSpool.open(
+        cfg.spool.dir, max_bytes=cfg.spool.max_bytes, max_events=cfg.spool.max_events
+    ) as spool:
+        publisher = AmqpPublisher(cfg.broker, exchanges=())
+        await publisher.start()
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                await publisher.wait_connected()
+            replayer = Replayer(
+                spool,
+                publisher,
+                publish_timeout_seconds=cfg.broker.publish_timeout_seconds,
+                batch_size=cfg.spool.replay_batch_size,
+                max_attempts=cfg.spool.max_attempts,
+            )
+            replayed = await replayer.drain()
+        except TimeoutError:
+            print(f"one-bridge: broker not reachable within {timeout_seconds:g} s", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            await publisher.close()
+        remaining = spool.stats().events
+    result = {"replayed": replayed, "remaining": remaining}
+    print(
+        orjson.dumps(result).decode() if as_json else f"replayed {replayed}, remaining {remaining}"
+    )
+    return EXIT_OK if remaining == 0 else EXIT_FAILURE

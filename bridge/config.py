@@ -24,7 +24,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 from yarl import URL
 
 from bridge.errors import ConfigError
@@ -242,13 +247,44 @@ def load(
     `overrides` are the CLI flags, as nested sections (e.g. {"log": {"level": "debug"}}).
     """
     data = _read_toml(path) if path is not None else {}
+    _refuse_unknown_environment(os.environ)
     token = _toml_data.set(data)
     try:
         return Config(**dict(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, data, os.environ, overrides or {})) from None
+    except SettingsError as exc:
+        # A complex value (list, table) in an environment variable that is not valid JSON.
+        field = str(exc).partition('field "')[2].partition('"')[0] or "?"
+        prefix = f"{ENV_PREFIX}{field}".upper()
+        names = sorted(name for name in os.environ if name.upper().startswith(prefix))
+        raise ConfigError(
+            f"{field} (from env {', '.join(names) or ENV_PREFIX + field.upper()}):"
+            " value is not valid JSON"
+        ) from None
     finally:
         _toml_data.reset(token)
+
+
+# BRIDGE_* variables that are not settings: the config path, and the test suite's broker.
+_NON_SETTING_VARIABLES = frozenset({"BRIDGE_CONFIG", "BRIDGE_TEST_AMQP_URL"})
+
+
+def _refuse_unknown_environment(environ: Mapping[str, str]) -> None:
+    """A misspelt section (BRIDGE_RECEIVR__PORT) would otherwise be ignored without a word."""
+    sections = {name.upper() for name in Config.model_fields}
+    unknown = sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in _NON_SETTING_VARIABLES
+        and name.upper()[len(ENV_PREFIX) :].partition(ENV_NESTING)[0] not in sections
+    )
+    if unknown:
+        raise ConfigError(
+            f"unknown setting in the environment: {', '.join(unknown)}"
+            f" (sections: {', '.join(sorted(s.lower() for s in sections))})"
+        )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

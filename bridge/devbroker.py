@@ -567,7 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_parser.error("run needs a command after --")
         return run_with_broker(options.dir, options.port, command)
     except PortBusyError as exc:
-        _say(f"{exc}; pick another with --port (0 = any free port)")
+        _say(
+            f"{exc}; pick another with --port (`make run AMQP_PORT=0`: any free port),"
+            f" or set {URL_ENV} to use a running broker"
+        )
         return 2
     except BrokerError as exc:
         _say(str(exc))

@@ -196,7 +196,8 @@ class SendReport:
 
     @property
     def rate_per_second(self) -> float:
-        return self.requests / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+        """Accepted callbacks per second: failures are not throughput."""
+        return self.accepted / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
     @property
     def p50_ms(self) -> float | None:
@@ -265,13 +266,15 @@ def render_report(report: SendReport, *, as_json: bool) -> str:
         ("accepted", str(report.accepted)),
         ("failed", str(report.failed)),
         ("elapsed", f"{report.elapsed_seconds:.3f} s"),
-        ("rate", f"{report.rate_per_second:.1f} /s"),
+        ("accepted rate", f"{report.rate_per_second:.1f} /s"),
         ("latency p50", _format_ms(report.p50_ms)),
         ("latency p90", _format_ms(report.p90_ms)),
         ("latency p99", _format_ms(report.p99_ms)),
         ("latency max", _format_ms(report.max_ms)),
     ]
     rows += [(f"status {outcome}", str(n)) for outcome, n in sorted(report.by_status.items())]
+    if report.by_status.get("401"):
+        rows.append(("hint", "401: check --tenant, --user and --password"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

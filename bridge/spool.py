@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from functools import partial
@@ -604,23 +604,6 @@ class SqliteSpool:
             return committed
         return committed.union(self._appending)
 
-    async def iter_all(self, *, dead_letters: bool = False) -> AsyncIterator[SpooledEvent]:
-        """Every record in seq order, page by page; DeadLetter items when `dead_letters`."""
-        if dead_letters:
-            sql = f"SELECT {_EVENT_COLUMNS}, reason, dead_at FROM dead_letters"
-        else:
-            sql = f"SELECT {_EVENT_COLUMNS} FROM events"
-        sql += " WHERE seq > ? ORDER BY seq LIMIT ?"
-        after_seq = 0
-        while True:
-            params: tuple[object, ...] = (after_seq, _PAGE_ROWS)
-            page = await self._call(partial(_read_events, sql=sql, params=params))
-            for record in page:
-                yield record
-            if len(page) < _PAGE_ROWS:
-                return
-            after_seq = page[-1].seq
-
     async def close(self) -> None:
         """Finish queued work, checkpoint the WAL, close the file and stop the thread."""
         is_first = self._close_job is None
@@ -763,3 +746,48 @@ def _settle(job: _Job[Any], exc: BaseException) -> None:
     """Fail a job unless it already finished or its caller cancelled it."""
     with contextlib.suppress(InvalidStateError):
         job.future.set_exception(exc)
+
+
+# --- read-only access (operator commands; safe while a bridge owns the spool) ----------------
+
+
+@contextlib.contextmanager
+def _read_only(directory: Path) -> Iterator[sqlite3.Connection]:
+    path = Path(directory) / SPOOL_FILENAME
+    if not path.is_file():
+        raise SpoolError(f"no spool at {path}")
+    try:
+        # WAL lets a reader see the last committed state while the writer goes on.
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise _translate(exc, "open") from None
+    try:
+        yield conn
+    except sqlite3.Error as exc:
+        raise _translate(exc, "read") from None
+    finally:
+        conn.close()
+
+
+def read_stats(directory: Path) -> SpoolStats:
+    """The spool's totals, read from disk without taking the writer's lock."""
+    with _read_only(directory) as conn:
+        ledger = _load_ledger(conn)
+    return SpoolStats(
+        ledger.events, ledger.body_bytes, ledger.oldest_received_at, ledger.dead_letters
+    )
+
+
+def read_records(directory: Path, *, dead_letters: bool = False) -> Iterator[SpooledEvent]:
+    """Every record (or dead letter) in seq order, read page by page without the lock."""
+    table = "dead_letters" if dead_letters else "events"
+    extra = ", reason, dead_at" if dead_letters else ""
+    sql = f"SELECT {_EVENT_COLUMNS}{extra} FROM {table} WHERE seq > ? ORDER BY seq LIMIT ?"
+    after_seq = 0
+    with _read_only(directory) as conn:
+        while True:
+            page = _read_events(conn, sql, (after_seq, _PAGE_ROWS))
+            yield from page
+            if len(page) < _PAGE_ROWS:
+                return
+            after_seq = page[-1].seq

@@ -30,6 +30,8 @@ from bridge.spool import (
     SpooledEvent,
     SpoolStats,
     SqliteSpool,
+    read_records,
+    read_stats,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,11 +141,12 @@ async def test_negative_head_limit_is_refused(spool: SqliteSpool) -> None:
         await spool.head(-1)
 
 
-async def test_iter_all_pages_through_every_record(spool: SqliteSpool) -> None:
-    """iter_all() yields every record in seq order across several pages."""
+async def test_read_records_pages_through_every_record(spool: SqliteSpool) -> None:
+    """read_records() yields every record in seq order across several pages, while the spool
+    stays open in its owner."""
     seqs = await asyncio.gather(*(spool.append("x", make_event(f"e-{i}")) for i in range(1_234)))
 
-    exported = [record.seq async for record in spool.iter_all()]
+    exported = [record.seq for record in read_records(spool.directory)]
 
     assert exported == sorted(seqs)
 
@@ -335,7 +338,7 @@ async def test_dead_letter_moves_the_record_with_reason(spool: SqliteSpool) -> N
     await spool.dead_letter(poison, "returned: no route")
 
     assert [r.seq for r in await spool.head(10)] == [keep]
-    dead = [record async for record in spool.iter_all(dead_letters=True)]
+    dead = list(read_records(spool.directory, dead_letters=True))
     assert len(dead) == 1
     assert isinstance(dead[0], DeadLetter)
     assert (dead[0].seq, dead[0].reason) == (poison, "returned: no route")
@@ -593,7 +596,7 @@ async def test_records_acknowledged_before_sigkill_survive_in_order(tmp_path: Pa
     acknowledged = max([acknowledged, *(int(fields[0]) for fields in after_kill)])
 
     async with await open_spool(tmp_path / "spool") as spool:
-        records = [record async for record in spool.iter_all()]
+        records = list(read_records(spool.directory))
 
     assert len(records) >= acknowledged
     for i, record in enumerate(records, start=1):
@@ -629,7 +632,7 @@ async def test_concurrent_appends_acknowledged_before_sigkill_all_survive(tmp_pa
     acknowledged = {int(i): int(seq) for i, seq in lines}
 
     async with await open_spool(tmp_path / "spool") as spool:
-        records = {record.seq: record async for record in spool.iter_all()}
+        records = {record.seq: record for record in read_records(spool.directory)}
 
     for i, seq in acknowledged.items():
         assert records[seq].event.event_id == f"e-{i}"
@@ -759,3 +762,16 @@ async def check_against_model(
     body_bytes = sum(len(body) for _, body, _ in model.values())
     assert spool.stats() == SpoolStats(len(model), body_bytes, head_received_at, dead)
     assert spool.exchanges_pending() == {exchange for exchange, _, _ in model.values()}
+
+
+async def test_read_stats_matches_the_owner_while_it_runs(spool: SqliteSpool) -> None:
+    """Operator commands read the totals from disk without the writer's lock."""
+    for i in range(3):
+        await spool.append("x", make_event(f"e-{i}"))
+    assert read_stats(spool.directory) == spool.stats()
+
+
+def test_read_only_access_to_a_missing_spool_is_a_spool_error(tmp_path: Path) -> None:
+    """Pointing the operator commands at the wrong directory says so."""
+    with pytest.raises(SpoolError, match="no spool"):
+        read_stats(tmp_path)
