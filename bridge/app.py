@@ -9,11 +9,15 @@ import ssl
 from contextlib import AsyncExitStack
 from types import TracebackType
 
+import aiohttp
 import structlog
 from aiohttp import web
 
 from bridge import __version__
 from bridge.config import Config
+from bridge.control.canary import CanaryResult, ExampleWatch
+from bridge.control.lock import RabbitLock
+from bridge.control.reconciler import Hooks, Reconciler, targets_from_config
 from bridge.dedupe import RecentEvents
 from bridge.delivery import Delivery, Replayer
 from bridge.errors import BridgeError
@@ -21,7 +25,7 @@ from bridge.events import RoutingTable
 from bridge.metrics import Metrics
 from bridge.ops import build_ops_app
 from bridge.publisher import AmqpPublisher
-from bridge.receiver import build_app
+from bridge.receiver import ReceiverHooks, build_app
 from bridge.spool import SqliteSpool
 
 log = structlog.get_logger("bridge.app")
@@ -49,6 +53,8 @@ class Bridge:
         # Made in _start(), around the opened spool.
         self._delivery: Delivery | None = None
         self._replayer: Replayer | None = None
+        self.watch = ExampleWatch()
+        self.reconciler: Reconciler | None = None
 
     @property
     def delivery(self) -> Delivery:
@@ -143,6 +149,7 @@ class Bridge:
                 tenants=config.tenants,
                 settings=receiver,
                 metrics=self.metrics,
+                hooks=ReceiverHooks(on_example=self.watch.saw, on_rejected=self.watch.rejected),
             ),
             access_log=None,
             # In-flight handlers get this long to finish once the listener is closed.
@@ -157,10 +164,65 @@ class Bridge:
         )
         self._stack.push_async_callback(receiver_runner.cleanup)
 
+        # Last, so the platform is only pointed at us once we listen; stopped first.
+        if config.control.is_enabled:
+            await self._start_control()
+
+    async def _start_control(self) -> None:
+        control = self.config.control
+        session = aiohttp.ClientSession()
+        self._stack.push_async_callback(session.close)
+        targets = targets_from_config(
+            self.config, session, on_request=self.metrics.record_platform_request
+        )
+        lock = RabbitLock(
+            self.config.broker.url.get_secret_value(),
+            control.lock_name,
+            on_change=self._on_leadership,
+        )
+        reconciler = self.reconciler = Reconciler(
+            targets,
+            self.routes,
+            name_prefix=control.name_prefix,
+            interval_seconds=control.interval_seconds,
+            watch=self.watch,
+            canary_interval_seconds=control.canary_interval_seconds,
+            canary_timeout_seconds=control.canary_timeout_seconds,
+            hooks=MetricsHooks(self.metrics),
+            may_write=lambda: lock.is_held,
+        )
+        await lock.start()
+        self._stack.push_async_callback(lock.close)
+        await reconciler.start()
+        self._stack.push_async_callback(reconciler.stop)
+
+    def _on_leadership(self, is_held: bool) -> None:
+        self.metrics.reconciler_leader.set(1 if is_held else 0)
+        if is_held and self.reconciler is not None:
+            self.reconciler.trigger()
+
     def _on_spooled(self) -> None:
         self.metrics.spool_appended.inc()
         if self._replayer is not None:
             self._replayer.wake()
+
+
+class MetricsHooks(Hooks):
+    """The reconciler's reports, as metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def run(self, result: str) -> None:
+        self._metrics.reconcile_runs.labels(result).inc()
+        if result == "success":
+            self._metrics.reconcile_last_success.set_to_current_time()
+
+    def action(self, action: str, result: str) -> None:
+        self._metrics.reconcile_actions.labels(action, result).inc()
+
+    def canary(self, result: CanaryResult) -> None:
+        self._metrics.record_canary(result.event_type, result.is_ok, result.latency_seconds)
 
 
 async def _listen(

@@ -26,6 +26,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        if getattr(args, "needs_control", False):
+            from bridge import control_cli
+
+            cfg = _load(args)
+            log.configure(cfg.log.level, cfg.log.format)  # on stderr: stdout is the answer
+            return control_cli.run(args, cfg)
         return int(args.handler(args))
     except ConfigError as exc:
         print(f"one-bridge: {exc}", file=sys.stderr)
@@ -68,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
         _add_config_flags(action)
         action.add_argument("--json", action="store_true", help="print JSON")
         action.set_defaults(handler=handler)
+
+    from bridge import control_cli
+
+    control_cli.add_commands(commands, _add_config_flags)
+
+    sandbox = commands.add_parser("sandbox", help="run a stand-in ONe platform for development")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8090)
+    sandbox.set_defaults(handler=_sandbox)
 
     from bridge import sender
 
@@ -223,3 +238,13 @@ async def _drain(cfg: config.Config, timeout_seconds: float, *, as_json: bool) -
         orjson.dumps(result).decode() if as_json else f"replayed {replayed}, remaining {remaining}"
     )
     return EXIT_OK if remaining == 0 else EXIT_FAILURE
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    from bridge.sandbox import serve_sandbox
+
+    try:
+        asyncio.run(serve_sandbox(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK

@@ -137,6 +137,45 @@ class DedupeConfig(_Section):
     max_events: int = Field(default=100_000, ge=0)
 
 
+class ControlConfig(_Section):
+    """Keeps the platform's webhook registrations pointing at this bridge (off without base_url)."""
+
+    # The platform's API, e.g. https://api-preprod.one.unity.pl (production differs per customer).
+    base_url: str | None = None
+    # The public URL of this bridge's receiver, as the platform must call it.
+    callback_base_url: str | None = None
+    interval_seconds: PositiveFloat = 300.0
+    # Webhooks whose name starts with this are ours; no other webhook is ever touched.
+    name_prefix: str = Field(default="one-bridge:", min_length=3)
+    timeout_seconds: PositiveFloat = 10.0
+    # After every change, and every canary_interval_seconds (0: only after changes), ask the
+    # platform for an example callback per registration and check that it arrived.
+    canary_interval_seconds: float = Field(default=900.0, ge=0)
+    canary_timeout_seconds: PositiveFloat = 15.0
+    # One reconciler across replicas: an exclusive RabbitMQ queue named after this.
+    lock_name: str = Field(default="default", min_length=1, max_length=100)
+
+    @field_validator("base_url", "callback_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _both_urls(self) -> ControlConfig:
+        if self.base_url and not self.callback_base_url:
+            raise ValueError("base_url needs callback_base_url (where the platform calls us)")
+        return self
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.base_url is not None
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -156,14 +195,21 @@ class TenantConfig(_Section):
     passwords: tuple[SecretStr, ...] = ()
     passwords_file: Path | None = None
     exchanges: dict[str, str] = Field(default_factory=dict)
+    # The platform's management API key for this tenant (control module only).
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    # Event types to register at the platform; empty: every type the platform lists.
+    types: tuple[str, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
-    def _passwords_from_file(cls, data: Any) -> Any:
+    def _secrets_from_files(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("passwords_file"):
             text = read_secret_file(Path(data["passwords_file"]), "passwords_file")
             lines = [line.strip() for line in text.splitlines()]
             data = {**data, "passwords": [line for line in lines if line]}
+        if isinstance(data, dict) and data.get("api_key_file"):
+            data = {**data, "api_key": read_secret_file(Path(data["api_key_file"]), "api_key_file")}
         return data
 
     @model_validator(mode="after")
@@ -214,6 +260,7 @@ class Config(BaseSettings):
     ops: OpsConfig = OpsConfig()
     spool: SpoolConfig = SpoolConfig()
     dedupe: DedupeConfig = DedupeConfig()
+    control: ControlConfig = ControlConfig()
     log: LogConfig = LogConfig()
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
 
@@ -235,6 +282,17 @@ class Config(BaseSettings):
             if not key or not all(c.isalnum() or c in "-_." for c in key):
                 raise ValueError(f"tenant key {key!r} may hold only letters, digits, '-', '_', '.'")
         return value
+
+    @model_validator(mode="after")
+    def _control_keys(self) -> Config:
+        if self.control.is_enabled:
+            missing = [key for key, tenant in self.tenants.items() if tenant.api_key is None]
+            if missing:
+                raise ValueError(
+                    f"control.base_url is set: tenants {', '.join(missing)} need api_key"
+                    " or api_key_file"
+                )
+        return self
 
 
 def load(
@@ -321,7 +379,9 @@ def _source_of(
     environ: Mapping[str, str],
     overrides: Mapping[str, Any],
 ) -> str:
-    if keys and keys[0] in overrides:
+    if not keys:
+        return str(path) if path is not None else "the configuration as a whole"
+    if keys[0] in overrides:
         return "command line"
     # The most specific environment variable that sets this key, a parent or a child of it.
     lowered = {name.lower(): name for name in environ}
@@ -347,7 +407,7 @@ def _source_of(
 
 def effective(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, every secret masked (for check-config)."""
-    return config.model_dump(mode="json", exclude={"broker": {"url_file"}}) | {
+    return config.model_dump(mode="json") | {
         "broker": {
             **config.broker.model_dump(mode="json", exclude={"url", "url_file"}),
             "url": redact_url(config.broker.url.get_secret_value()),

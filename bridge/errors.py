@@ -93,3 +93,33 @@ class SpoolFullRejected(RejectedEvent):
 
     status = 503
     reason = "spool_full"
+
+
+class PlatformError(BridgeError):
+    """A call to the ONe management API failed.
+
+    `status` is the final HTTP status, or None when no answer came (network failure, timeout,
+    or a platform that never stops paging). `body_excerpt` must arrive already redacted (the
+    client masks credentials and its own API key); it is bounded here as a last guard.
+    """
+
+    MAX_EXCERPT_CHARS = 300
+
+    def __init__(
+        self, operation: str, status: int | None, body_excerpt: str = "", *, detail: str = ""
+    ) -> None:
+        if len(body_excerpt) > self.MAX_EXCERPT_CHARS:
+            body_excerpt = body_excerpt[: self.MAX_EXCERPT_CHARS] + "..."
+        self.operation = operation
+        self.status = status
+        self.body_excerpt = body_excerpt
+        self.detail = detail
+        message = f"platform {operation} failed"
+        message += f": HTTP {status}" if status is not None else ""
+        message += f": {detail}" if detail else ""
+        message += f": {body_excerpt}" if body_excerpt else ""
+        super().__init__(message)
+
+
+class PlatformAuthError(PlatformError):
+    """The platform refused our tenant/API key (401/403): back off long, a human must act."""

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 OUTCOMES = ("published", "unrouted", "spooled", "duplicate", "rejected", "failed")
 PUBLISH_RESULTS = ("confirmed", *PUBLISH_FAILURES)
 _LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PLATFORM_OPERATIONS = ("list", "get", "create", "update", "delete", "example", "types")
+PLATFORM_STATUS_CLASSES = ("2xx", "4xx", "5xx", "error")
+RECONCILE_ACTIONS = ("create", "update", "delete")
 _BODY_BUCKETS_BYTES = (256, 512, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 
@@ -152,6 +155,59 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.reconcile_runs = Counter(
+            "onebridge_reconcile_runs_total",
+            "Reconcile passes, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.reconcile_actions = Counter(
+            "onebridge_reconcile_actions_total",
+            "Changes made at the platform, by action and result.",
+            ["action", "result"],
+            registry=registry,
+        )
+        self.reconcile_last_success = Gauge(
+            "onebridge_reconcile_last_success_timestamp_seconds",
+            "When a reconcile pass last succeeded (0: never).",
+            registry=registry,
+        )
+        self.reconciler_leader = Gauge(
+            "onebridge_reconciler_leader",
+            "1 while this replica holds the reconciler lock.",
+            registry=registry,
+        )
+        self.platform_requests = Counter(
+            "onebridge_platform_requests_total",
+            "Calls to the ONe management API, by operation and status class.",
+            ["operation", "status_class"],
+            registry=registry,
+        )
+        self.platform_duration = Histogram(
+            "onebridge_platform_request_duration_seconds",
+            "Duration of calls to the ONe management API.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self.canary_runs = Counter(
+            "onebridge_canary_runs_total",
+            "Canary checks (example callback through the platform), by event type and result.",
+            ["event_type", "result"],
+            registry=registry,
+        )
+        self.canary_ok = Gauge(
+            "onebridge_canary_ok",
+            "1 if the last canary of the event type arrived, 0 if it did not.",
+            ["event_type"],
+            registry=registry,
+        )
+        self.canary_latency = Histogram(
+            "onebridge_canary_latency_seconds",
+            "From the example call to our receiver seeing the callback.",
+            buckets=_LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
         self._initialise()
 
     def _initialise(self) -> None:
@@ -166,6 +222,16 @@ class Metrics:
             self.webhook_rejections.labels(reason=reason)
         for outcome in OUTCOMES:
             self.webhook_duration.labels(outcome=outcome)
+        for result in ("success", "failure"):
+            self.reconcile_runs.labels(result)
+            for action in RECONCILE_ACTIONS:
+                self.reconcile_actions.labels(action, result)
+            for event_type in (*KNOWN_EVENT_TYPES, UNKNOWN_TYPE_LABEL):
+                self.canary_runs.labels(event_type, result)
+        for operation in PLATFORM_OPERATIONS:
+            self.platform_duration.labels(operation)
+            for status_class in PLATFORM_STATUS_CLASSES:
+                self.platform_requests.labels(operation, status_class)
 
     def watch_spool(self, stats: Callable[[], SpoolStats], is_writable: Callable[[], bool]) -> None:
         """Spool gauges read the spool's in-memory stats at scrape time: nothing per event."""
@@ -174,6 +240,17 @@ class Metrics:
         self.spool_oldest.set_function(lambda: stats().oldest_received_at or 0.0)
         self.spool_dead_letters.set_function(lambda: stats().dead_letters)
         self.spool_writable.set_function(lambda: 1.0 if is_writable() else 0.0)
+
+    def record_platform_request(self, operation: str, status_class: str, seconds: float) -> None:
+        self.platform_requests.labels(operation, status_class).inc()
+        self.platform_duration.labels(operation).observe(seconds)
+
+    def record_canary(self, event_type: str, is_ok: bool, latency_seconds: float | None) -> None:
+        label = event_type_label(event_type)
+        self.canary_runs.labels(label, "success" if is_ok else "failure").inc()
+        self.canary_ok.labels(label).set(1 if is_ok else 0)
+        if latency_seconds is not None:
+            self.canary_latency.observe(latency_seconds)
 
     def record_publish(self, event_type: str, result: str, seconds: float) -> None:
         self.broker_publishes.labels(event_type=event_type_label(event_type), result=result).inc()

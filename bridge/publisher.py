@@ -10,7 +10,12 @@ from datetime import UTC, datetime
 import aio_pika
 import aiormq.exceptions
 import structlog
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustExchange
+from aio_pika.abc import (
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustExchange,
+    FieldValue,
+)
 
 from bridge.config import BrokerConfig
 from bridge.errors import PublishError
@@ -34,6 +39,14 @@ def rfc3339(unix_seconds: float) -> str:
 
 def build_message(event: WebhookEvent) -> aio_pika.Message:
     """The AMQP message for an event: the body untouched, metadata in properties and headers."""
+    headers: dict[str, FieldValue] = {
+        "x-one-tenant": event.tenant,
+        "x-one-event-type": event.event_type,
+        "x-one-received-at": rfc3339(event.received_at),
+    }
+    if event.is_example:
+        # The platform's example call (canary, "send test"): consumers may filter on this.
+        headers["x-one-example"] = True
     return aio_pika.Message(
         body=event.body,
         content_type="application/json",
@@ -42,11 +55,7 @@ def build_message(event: WebhookEvent) -> aio_pika.Message:
         type=event.event_type,
         app_id=APP_ID,
         timestamp=datetime.fromtimestamp(event.received_at, UTC),
-        headers={
-            "x-one-tenant": event.tenant,
-            "x-one-event-type": event.event_type,
-            "x-one-received-at": rfc3339(event.received_at),
-        },
+        headers=headers,
     )
 
 

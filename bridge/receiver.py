@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import orjson
 import structlog
@@ -26,7 +27,17 @@ from bridge.errors import (
 from bridge.events import parse_event
 from bridge.metrics import Metrics, event_type_label
 
+
+@dataclass(frozen=True, slots=True)
+class ReceiverHooks:
+    """Who else wants to know: the canary watches example callbacks and rejections."""
+
+    on_example: Callable[[str], None] = lambda event_id: None
+    on_rejected: Callable[[str, str], None] = lambda tenant, reason: None
+
+
 DELIVERY = web.AppKey("delivery", Delivery)
+HOOKS = web.AppKey("hooks", ReceiverHooks)
 METRICS = web.AppKey("metrics", Metrics)
 TENANTS = web.AppKey("tenants", Mapping[str, TenantConfig])
 SETTINGS = web.AppKey("settings", ReceiverConfig)
@@ -61,8 +72,10 @@ def build_app(
     tenants: Mapping[str, TenantConfig],
     settings: ReceiverConfig,
     metrics: Metrics,
+    hooks: ReceiverHooks | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes)
+    app[HOOKS] = hooks or ReceiverHooks()
     app[DELIVERY] = delivery
     app[TENANTS] = tenants
     app[SETTINGS] = settings
@@ -122,6 +135,8 @@ async def handle_callback(request: web.Request) -> web.Response:
     )
     if outcome is Outcome.DUPLICATE:
         metrics.duplicates.inc()
+    if event.is_example:
+        request.app[HOOKS].on_example(event.event_id)
     if outcome in _DEGRADED_OUTCOMES:
         log.warning("webhook.handled", **fields)
     else:
@@ -178,6 +193,7 @@ def _reject(
 ) -> web.Response:
     metrics = request.app[METRICS]
     seconds = time.perf_counter() - started
+    request.app[HOOKS].on_rejected(tenant_key, exc.reason)
     outcome = "failed" if isinstance(exc, Unavailable) else "rejected"
     metrics.webhook_requests.labels(event_type_label(event_type), outcome).inc()
     metrics.webhook_rejections.labels(exc.reason).inc()

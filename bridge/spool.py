@@ -73,7 +73,8 @@ _SCHEMA = (
         event_id TEXT NOT NULL,
         body BLOB NOT NULL,
         received_at REAL NOT NULL,
-        spooled_at REAL NOT NULL
+        spooled_at REAL NOT NULL,
+        is_example INTEGER NOT NULL DEFAULT 0
     )
     """,
     # head(exchange=...) and the per-exchange counts at open.
@@ -88,6 +89,7 @@ _SCHEMA = (
         body BLOB NOT NULL,
         received_at REAL NOT NULL,
         spooled_at REAL NOT NULL,
+        is_example INTEGER NOT NULL DEFAULT 0,
         reason TEXT NOT NULL,
         dead_at REAL NOT NULL
     )
@@ -95,10 +97,13 @@ _SCHEMA = (
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
-_EVENT_COLUMNS = "seq, exchange, tenant, event_type, event_id, body, received_at, spooled_at"
+_EVENT_COLUMNS = (
+    "seq, exchange, tenant, event_type, event_id, body, received_at, spooled_at, is_example"
+)
 _INSERT_EVENT = (
-    "INSERT INTO events (exchange, tenant, event_type, event_id, body, received_at, spooled_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO events"
+    " (exchange, tenant, event_type, event_id, body, received_at, spooled_at, is_example)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _MOVE_TO_DEAD_LETTERS = (
     f"INSERT INTO dead_letters ({_EVENT_COLUMNS}, reason, dead_at)"
@@ -236,6 +241,7 @@ class _Append(_Write[int]):
                 event.body,
                 event.received_at,
                 time.time(),
+                event.is_example,
             ),
         )
         seq = cursor.lastrowid
@@ -710,8 +716,21 @@ def _read_events(
 
 
 def _record(row: tuple[Any, ...]) -> SpooledEvent:
-    seq, exchange, tenant, event_type, event_id, body, received_at, spooled_at, *dead = row
-    event = WebhookEvent(tenant, event_type, event_id, body, received_at)
+    (
+        seq,
+        exchange,
+        tenant,
+        event_type,
+        event_id,
+        body,
+        received_at,
+        spooled_at,
+        is_example,
+        *dead,
+    ) = row
+    event = WebhookEvent(
+        tenant, event_type, event_id, body, received_at, is_example=bool(is_example)
+    )
     if dead:
         reason, dead_at = dead
         return DeadLetter(seq, exchange, event, spooled_at, reason, dead_at)

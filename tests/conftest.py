@@ -34,7 +34,8 @@ def make_config(**sections: Any) -> config.Config:
         "tenants": {"klient": {"username": DEV_USER, "passwords": [DEV_PASSWORD]}},
     }
     for name, values in sections.items():
-        base[name] = {**base.get(name, {}), **values}
+        # Tenants are replaced as a whole; the other sections are merged key by key.
+        base[name] = values if name == "tenants" else {**base.get(name, {}), **values}
     return config.load(None, overrides=base)
 
 

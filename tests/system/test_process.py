@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from base64 import b64encode
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
 from conftest import DEV_PASSWORD, DEV_USER
 from support.amqp import bound_queue, drain, take, unique, wait_until
+from support.process import bridge_process
 
 pytestmark = pytest.mark.system
 
@@ -33,12 +31,6 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.parametrize("name", ["bridge.dev.toml", "bridge.example.toml"])
@@ -70,56 +62,6 @@ def test_usage_error_is_exit_2():
     """An unknown subcommand or flag is a usage error."""
     assert cli("frobnicate").returncode == 2
     assert cli("run", "--no-such-flag").returncode == 2
-
-
-@asynccontextmanager
-async def bridge_process(amqp_url: str, tenant: str, **env: str) -> AsyncIterator[dict]:
-    receiver_port, ops_port = free_port(), free_port()
-    process_env = {
-        **os.environ,
-        "BRIDGE_BROKER__URL": amqp_url,
-        "BRIDGE_RECEIVER__HOST": "127.0.0.1",
-        "BRIDGE_RECEIVER__PORT": str(receiver_port),
-        "BRIDGE_OPS__PORT": str(ops_port),
-        f"BRIDGE_TENANTS__{tenant.upper()}__USERNAME": DEV_USER,
-        f"BRIDGE_TENANTS__{tenant.upper()}__PASSWORDS": f'["{DEV_PASSWORD}"]',
-        "BRIDGE_LOG__FORMAT": "json",
-        **env,
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge",
-        "run",
-        env=process_env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    info = {
-        "process": process,
-        "url": f"http://127.0.0.1:{receiver_port}",
-        "ready": f"http://127.0.0.1:{ops_port}/readyz",
-    }
-    try:
-        async with aiohttp.ClientSession() as session:
-
-            async def is_ready() -> bool:
-                try:
-                    async with session.get(info["ready"]) as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            async with asyncio.timeout(30):
-                while not await is_ready():
-                    assert process.returncode is None, "bridge exited during start"
-                    await asyncio.sleep(0.05)
-        yield info
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_send_command_delivers_its_events(rabbitmq):

@@ -1,0 +1,1 @@
+"""Control module: keeps the ONe platform's webhook registrations pointing at the bridge."""
