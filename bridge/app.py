@@ -27,6 +27,7 @@ from bridge.ops import build_ops_app
 from bridge.publisher import AmqpPublisher
 from bridge.receiver import ReceiverHooks, build_app
 from bridge.spool import SqliteSpool
+from bridge.webserver import QuietAppRunner
 
 log = structlog.get_logger("bridge.app")
 
@@ -102,7 +103,7 @@ class Bridge:
     async def _start(self) -> None:
         config = self.config
         # Ops first and stopped last, so metrics stay scrapeable while draining.
-        ops_runner = web.AppRunner(
+        ops_runner = QuietAppRunner(
             build_ops_app(metrics=self.metrics, is_ready=self.is_ready), access_log=None
         )
         self.ops_port = await _listen(ops_runner, config.ops.host, config.ops.port, key="ops")
@@ -135,6 +136,7 @@ class Bridge:
             on_spooled=self._on_spooled,
         )
         self.metrics.watch_spool(self.spool.stats, lambda: delivery.is_spool_writable)
+        self.metrics.broker_blocked.set_function(lambda: 1.0 if self.publisher.is_blocked else 0.0)
 
         # Broker in the background: until it is connected, accepted events are spooled.
         await self.publisher.start()
@@ -143,7 +145,7 @@ class Bridge:
         self._stack.push_async_callback(replayer.stop)
 
         receiver = config.receiver
-        receiver_runner = web.AppRunner(
+        receiver_runner = QuietAppRunner(
             build_app(
                 delivery=delivery,
                 tenants=config.tenants,
@@ -226,7 +228,7 @@ class MetricsHooks(Hooks):
 
 
 async def _listen(
-    runner: web.AppRunner,
+    runner: QuietAppRunner,
     host: str,
     port: int,
     *,

@@ -30,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bridge import control_cli
 
             cfg = _load(args)
-            log.configure(cfg.log.level, cfg.log.format)  # on stderr: stdout is the answer
+            # On stderr: stdout is the answer.
+            log.configure(cfg.log.level, cfg.log.format, secrets=config.secret_values(cfg))
             return control_cli.run(args, cfg)
         return int(args.handler(args))
     except ConfigError as exc:
@@ -114,7 +115,7 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    log.configure(cfg.log.level, cfg.log.format)
+    log.configure(cfg.log.level, cfg.log.format, secrets=config.secret_values(cfg))
     from bridge.app import serve
 
     return asyncio.run(serve(cfg))
@@ -201,7 +202,7 @@ def _spool_export(args: argparse.Namespace) -> int:
 
 def _spool_drain(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    log.configure(cfg.log.level, cfg.log.format)
+    log.configure(cfg.log.level, cfg.log.format, secrets=config.secret_values(cfg))
     return asyncio.run(_drain(cfg, args.timeout, as_json=args.json))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from base64 import b64encode
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -413,3 +414,20 @@ def effective(config: Config) -> dict[str, Any]:
             "url": redact_url(config.broker.url.get_secret_value()),
         }
     }
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every secret the configuration holds, with the forms it travels in (for log scrubbing)."""
+    values: list[str] = []
+    url = URL(config.broker.url.get_secret_value())
+    if url.password:
+        values.append(url.password)
+    for tenant in config.tenants.values():
+        for password in tenant.password_values():
+            values.append(password)
+            if tenant.username:
+                basic = b64encode(f"{tenant.username}:{password}".encode()).decode()
+                values.append(basic)
+        if tenant.api_key is not None:
+            values.append(tenant.api_key.get_secret_value())
+    return values

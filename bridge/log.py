@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -12,6 +13,7 @@ import structlog
 
 from bridge.redact import MASK, is_secret_key, redact_text
 
+_MIN_SECRET_CHARS = 4
 # Free-text fields that may carry library messages with credentials inside.
 _TEXT_FIELDS = ("exception", "error", "detail")
 _LEVELS = {
@@ -22,20 +24,29 @@ _LEVELS = {
 }
 
 
-def redact_processor(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """Mask secret-named fields and credentials inside free text, tracebacks included."""
-    for key in list(event_dict):
-        value = event_dict[key]
-        if is_secret_key(key):
-            event_dict[key] = MASK
-        elif key in _TEXT_FIELDS and isinstance(value, str):
-            event_dict[key] = redact_text(value)
-    if event_dict.get("_from_stdlib") and isinstance(event_dict.get("event"), str):
-        event_dict["event"] = redact_text(event_dict["event"])
-    event_dict.pop("_from_stdlib", None)
-    return event_dict
+class Redactor:
+    """structlog processor: mask secret-named fields, credentials inside free text (tracebacks
+    included), and every known secret value wherever it appears."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # Very short values would mask ordinary words; config validation keeps real ones longer.
+        known = sorted({s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len, reverse=True)
+        self._known = re.compile("|".join(map(re.escape, known))) if known else None
+
+    def __call__(
+        self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        from_stdlib = event_dict.pop("_from_stdlib", False)
+        for key, value in event_dict.items():
+            if is_secret_key(key):
+                event_dict[key] = MASK
+            elif isinstance(value, str):
+                if key in _TEXT_FIELDS or (from_stdlib and key == "event"):
+                    value = redact_text(value)
+                if self._known is not None:
+                    value = self._known.sub(MASK, value)
+                event_dict[key] = value
+        return event_dict
 
 
 def _mark_stdlib(
@@ -49,8 +60,17 @@ def _json_line(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """Set up structlog and route aiohttp/aio-pika/aiormq logging through the same processors."""
+def configure(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    *,
+    secrets: Iterable[str] = (),
+) -> None:
+    """Set up structlog and route aiohttp/aio-pika/aiormq logging through the same processors.
+
+    `secrets` are values never to be printed (passwords, API keys, their Basic forms).
+    """
     stream = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     numeric_level = _LEVELS[level]
@@ -61,7 +81,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     ]
     tail: list[Any] = [
         structlog.processors.format_exc_info,
-        redact_processor,
+        Redactor(secrets),
     ]
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)

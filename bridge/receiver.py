@@ -122,6 +122,7 @@ async def handle_callback(request: web.Request) -> web.Response:
     seconds = time.perf_counter() - started
     type_label = event_type_label(event.event_type)
     metrics.webhook_requests.labels(type_label, outcome.value).inc()
+    metrics.last_event.labels(type_label).set(event.received_at)
     metrics.webhook_duration.labels(outcome.value).observe(seconds)
     metrics.webhook_body_bytes.observe(body_bytes)
     fields = dict(
