@@ -22,6 +22,7 @@ from bridge.dedupe import RecentEvents
 from bridge.delivery import Delivery, Replayer
 from bridge.errors import BridgeError
 from bridge.events import RoutingTable
+from bridge.fastpublisher import FastPublisher
 from bridge.metrics import Metrics
 from bridge.ops import build_ops_app
 from bridge.publisher import AmqpPublisher
@@ -41,7 +42,8 @@ class Bridge:
         self.routes = RoutingTable(
             {key: tenant.exchanges for key, tenant in config.tenants.items()}
         )
-        self.publisher = AmqpPublisher(
+        publisher_class = FastPublisher if config.broker.publisher == "fast" else AmqpPublisher
+        self.publisher: FastPublisher | AmqpPublisher = publisher_class(
             config.broker,
             exchanges=sorted(self.routes.all_exchanges(list(config.tenants))),
             on_state_change=self._on_broker_state,

@@ -73,6 +73,8 @@ class BrokerConfig(_Section):
     url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     url_file: Path | None = None
     exchange_type: Literal["topic", "direct", "fanout", "headers"] = "topic"
+    # "fast": our own frame-level publisher; "aio-pika": the library's, kept selectable.
+    publisher: Literal["fast", "aio-pika"] = "fast"
     publish_timeout_seconds: PositiveFloat = 5.0
     connect_timeout_seconds: PositiveFloat = 5.0
     reconnect_interval_seconds: PositiveFloat = 1.0
