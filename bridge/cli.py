@@ -118,6 +118,14 @@ def _run(args: argparse.Namespace) -> int:
     log.configure(cfg.log.level, cfg.log.format, secrets=config.secret_values(cfg))
     from bridge.app import serve
 
+    if cfg.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if cfg.event_loop == "uvloop":
+                raise ConfigError("event_loop = 'uvloop' but uvloop is not installed") from None
+        else:
+            return int(uvloop.run(serve(cfg)))
     return asyncio.run(serve(cfg))
 
 

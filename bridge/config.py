@@ -258,6 +258,8 @@ class Config(BaseSettings):
         frozen=True,
     )
 
+    # "auto": uvloop when installed (it is a dependency on Linux), else asyncio's own loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     broker: BrokerConfig = BrokerConfig()
     receiver: ReceiverConfig = ReceiverConfig()
     ops: OpsConfig = OpsConfig()
