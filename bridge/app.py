@@ -13,7 +13,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from bridge import __version__
+from bridge import __version__, sdnotify
 from bridge.config import Config
 from bridge.control.canary import CanaryResult, ExampleWatch
 from bridge.control.lock import RabbitLock
@@ -277,12 +277,18 @@ async def serve(config: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    # Pinged from the event loop from here on: a loop stuck anywhere stops the pings.
+    watchdog = sdnotify.Watchdog()
+    watchdog.start()
     try:
         async with Bridge(config):
+            sdnotify.ready()  # the receiver listens: a Type=notify unit is active only now
             await stop.wait()
+            sdnotify.stopping()  # the ordered shutdown runs as the block exits
     except asyncio.CancelledError:
         return 1
     finally:
+        await watchdog.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
