@@ -64,8 +64,12 @@ def test_usage_error_is_exit_2():
     assert cli("run", "--no-such-flag").returncode == 2
 
 
-async def test_send_command_delivers_its_events(rabbitmq):
-    """`one-bridge send` posts N callbacks of all types; all N are in RabbitMQ."""
+@pytest.mark.parametrize(
+    ("publisher", "event_loop"), [("fast", "uvloop"), ("fast", "asyncio"), ("aio-pika", "uvloop")]
+)
+async def test_send_command_delivers_its_events(rabbitmq, publisher, event_loop):
+    """`one-bridge send` posts N callbacks of all types; all N are in RabbitMQ, with either
+    publisher on either event loop."""
     tenant = unique("send").replace("-", "")
     exchanges = [
         f"p-u-o-m-e-c-cartopened-{tenant}",
@@ -74,7 +78,12 @@ async def test_send_command_delivers_its_events(rabbitmq):
     ]
     async with (
         bound_queue(rabbitmq.url, *exchanges) as queue,
-        bridge_process(rabbitmq.url, tenant) as bridge,
+        bridge_process(
+            rabbitmq.url,
+            tenant,
+            BRIDGE_BROKER__PUBLISHER=publisher,
+            BRIDGE_EVENT_LOOP=event_loop,
+        ) as bridge,
     ):
         result = await asyncio.to_thread(
             cli,
