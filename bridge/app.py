@@ -28,7 +28,7 @@ from bridge.ops import build_ops_app
 from bridge.publisher import AmqpPublisher
 from bridge.receiver import ReceiverHooks, build_app
 from bridge.spool import SqliteSpool
-from bridge.webserver import QuietAppRunner
+from bridge.webserver import GuardedAppRunner
 
 log = structlog.get_logger("bridge.app")
 
@@ -105,7 +105,7 @@ class Bridge:
     async def _start(self) -> None:
         config = self.config
         # Ops first and stopped last, so metrics stay scrapeable while draining.
-        ops_runner = QuietAppRunner(
+        ops_runner = GuardedAppRunner(
             build_ops_app(metrics=self.metrics, is_ready=self.is_ready), access_log=None
         )
         self.ops_port = await _listen(ops_runner, config.ops.host, config.ops.port, key="ops")
@@ -139,6 +139,7 @@ class Bridge:
         )
         self.metrics.watch_spool(self.spool.stats, lambda: delivery.is_spool_writable)
         self.metrics.broker_blocked.set_function(lambda: 1.0 if self.publisher.is_blocked else 0.0)
+        self.metrics.ready.set_function(lambda: 1.0 if self.is_ready() else 0.0)
 
         # Broker in the background: until it is connected, accepted events are spooled.
         await self.publisher.start()
@@ -147,7 +148,7 @@ class Bridge:
         self._stack.push_async_callback(replayer.stop)
 
         receiver = config.receiver
-        receiver_runner = QuietAppRunner(
+        receiver_runner = GuardedAppRunner(
             build_app(
                 delivery=delivery,
                 tenants=config.tenants,
@@ -158,6 +159,9 @@ class Bridge:
             access_log=None,
             # In-flight handlers get this long to finish once the listener is closed.
             shutdown_timeout=receiver.shutdown_timeout_seconds,
+            header_timeout_seconds=receiver.header_timeout_seconds,
+            max_connections=receiver.max_connections,
+            on_refused=lambda reason: self.metrics.webhook_rejections.labels(reason).inc(),
         )
         self.receiver_port = await _listen(
             receiver_runner,
@@ -230,7 +234,7 @@ class MetricsHooks(Hooks):
 
 
 async def _listen(
-    runner: QuietAppRunner,
+    runner: GuardedAppRunner,
     host: str,
     port: int,
     *,

@@ -37,6 +37,7 @@ from bridge.errors import ConfigError
 from bridge.redact import redact_url
 
 ENV_PREFIX = "BRIDGE_"
+MAX_TENANT_KEY_CHARS = 64
 ENV_NESTING = "__"
 
 _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("toml_data", default=None)
@@ -103,6 +104,10 @@ class ReceiverConfig(_Section):
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: PositiveInt = 262_144
     body_timeout_seconds: PositiveFloat = 10.0
+    # A connection must finish a request's headers this fast (slow-header attacks).
+    header_timeout_seconds: PositiveFloat = 10.0
+    # Connections beyond this are closed at once, before file descriptors run out.
+    max_connections: PositiveInt = 4096
     shutdown_timeout_seconds: PositiveFloat = 10.0
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -284,8 +289,11 @@ class Config(BaseSettings):
     @classmethod
     def _tenant_keys(cls, value: dict[str, TenantConfig]) -> dict[str, TenantConfig]:
         for key in value:
-            if not key or not all(c.isalnum() or c in "-_." for c in key):
+            if not key or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in key):
                 raise ValueError(f"tenant key {key!r} may hold only letters, digits, '-', '_', '.'")
+            if len(key) > MAX_TENANT_KEY_CHARS:
+                # It ends every exchange name, and those hold at most 255 bytes.
+                raise ValueError(f"tenant key is longer than {MAX_TENANT_KEY_CHARS} characters")
         return value
 
     @model_validator(mode="after")

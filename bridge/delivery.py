@@ -40,6 +40,9 @@ _TRANSIENT_FAILURES = frozenset({"disconnected", "timeout", "blocked"})
 _REFUSED_RETRY_SECONDS = 1.0
 # Without a wake-up, the replayer still looks this often (a missed transition costs no more).
 _REPLAY_POLL_SECONDS = 1.0
+# A batch that only timed out is not sent again at once: a frozen broker that wakes up would
+# confirm every copy. The pause doubles up to this bound and resets on the next confirm.
+_TIMEOUT_BACKOFF_MAX_SECONDS = 30.0
 
 
 class Sink(Protocol):
@@ -77,6 +80,8 @@ class Spool(Protocol):
     async def dead_letter(self, seq: int, reason: str) -> None: ...
 
     def exchanges_pending(self) -> frozenset[str]: ...
+
+    def is_full(self) -> bool: ...
 
 
 class Outcome(StrEnum):
@@ -116,7 +121,10 @@ class Delivery:
 
     @property
     def can_accept(self) -> bool:
-        return self._sink.is_connected or self.is_spool_writable
+        """Readiness: an event arriving now would be published or spooled."""
+        if self._sink.is_connected and not self._sink.is_blocked:
+            return True
+        return self.is_spool_writable and not self._spool.is_full()
 
     async def accept(self, event: WebhookEvent) -> Outcome:
         if event.is_example or not self._recent.is_enabled:
@@ -216,6 +224,7 @@ class Replayer:
         self._task: asyncio.Task[None] | None = None
         # Refusals per record, in memory: a restart gives every record a fresh count.
         self._refusals: Counter[int] = Counter()
+        self._timeout_backoff_seconds = 0.0
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -279,7 +288,25 @@ class Replayer:
                 raise result
         if refused and not confirmed:
             await asyncio.sleep(_REFUSED_RETRY_SECONDS)
+        if confirmed:
+            self._timeout_backoff_seconds = 0.0
+        elif any(isinstance(r, PublishError) and r.reason == "timeout" for r in results):
+            self._timeout_backoff_seconds = min(
+                max(self._timeout_backoff_seconds * 2, _REPLAY_POLL_SECONDS),
+                _TIMEOUT_BACKOFF_MAX_SECONDS,
+            )
+            await self._pause(self._timeout_backoff_seconds)
         return len(confirmed), bool(confirmed) or refused
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake for stop()."""
+        try:
+            async with asyncio.timeout(seconds):
+                while not self._should_exit:
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
+        except TimeoutError:
+            pass
 
     async def _publish(self, record: SpooledRecord) -> None:
         await self._sink.publish(record.event, record.exchange, timeout=self._timeout)

@@ -52,6 +52,23 @@ class BodyTooLarge(RejectedEvent):
     reason = "too_large"
 
 
+class IncompleteBody(RejectedEvent):
+    """The sender closed the connection before the whole body arrived."""
+
+    status = 400
+    reason = "incomplete_body"
+
+
+class NotFound(RejectedEvent):
+    status = 404
+    reason = "not_found"
+
+
+class MethodNotAllowed(RejectedEvent):
+    status = 405
+    reason = "method_not_allowed"
+
+
 class BodyTimeout(RejectedEvent):
     status = 408
     reason = "body_timeout"

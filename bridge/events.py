@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -54,6 +55,8 @@ def parse_event(body: bytes, *, tenant: str, received_at: float) -> WebhookEvent
         raise InvalidBody(f"body is not valid JSON ({exc.msg})") from None
     if not isinstance(document, dict):
         raise InvalidBody("body is not a JSON object")
+    if _may_repeat_a_key(body):
+        _refuse_repeated_keys(body)
     event_type = _short_string(document, "type")
     event_id = _short_string(document, "eventId")
     return WebhookEvent(
@@ -79,6 +82,26 @@ def is_example_body(document: Mapping[str, object]) -> bool:
 
 def _is_zero_id(value: str) -> bool:
     return value.rpartition(":")[2] == _ZERO_UUID
+
+
+def _may_repeat_a_key(body: bytes) -> bool:
+    # orjson keeps the last of repeated keys, a consumer's parser may keep the first: the body
+    # travels untouched, so both must agree. Cheap test first; escapes could spell a key too.
+    return body.count(b'"type"') > 1 or body.count(b'"eventId"') > 1 or b"\\u" in body
+
+
+def _refuse_repeated_keys(body: bytes) -> None:
+    top_level: list[list[tuple[str, object]]] = []
+
+    def keep(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        top_level.append(pairs)  # the outermost object is the last one completed
+        return dict(pairs)
+
+    json.loads(body, object_pairs_hook=keep)
+    keys = [key for key, _ in top_level[-1]]
+    for field in ("type", "eventId"):
+        if keys.count(field) > 1:
+            raise InvalidBody(f"field {field!r} appears more than once")
 
 
 def _short_string(document: Mapping[str, object], field: str) -> str:

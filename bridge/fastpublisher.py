@@ -34,7 +34,7 @@ from yarl import URL
 from bridge.config import BrokerConfig
 from bridge.errors import PublishError
 from bridge.events import UNROUTED_EXCHANGE, WebhookEvent
-from bridge.publisher import APP_ID, rfc3339
+from bridge.publisher import APP_ID, log_connect_failure, rfc3339
 from bridge.redact import redact_text, redact_url
 
 log = structlog.get_logger("bridge.fastpublisher")
@@ -481,13 +481,7 @@ class FastPublisher:
             except Exception as exc:
                 delays = _FIRST_CONNECT_DELAYS_SECONDS
                 delay = delays[min(attempt, len(delays) - 1)]
-                if attempt == 0:
-                    log.warning(
-                        "broker.unreachable",
-                        url=redact_url(url),
-                        error=redact_text(str(exc))[:200],
-                        retry_in_seconds=delay,
-                    )
+                log_connect_failure(exc, url, attempt, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue

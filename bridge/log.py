@@ -49,6 +49,19 @@ class Redactor:
         return event_dict
 
 
+# Terminal escape sequences from request data must not reach a console as they are.
+_CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in (*range(32), 127) if code != 10}
+
+
+def _escape_control_characters(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in event_dict.items():
+        if isinstance(value, str) and key != "exception":
+            event_dict[key] = value.translate(_CONTROL_CHARACTERS)
+    return event_dict
+
+
 def _mark_stdlib(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -83,6 +96,8 @@ def configure(
         structlog.processors.format_exc_info,
         Redactor(secrets),
     ]
+    if use_console:
+        tail.append(_escape_control_characters)
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=False)
         if use_console

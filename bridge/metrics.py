@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 OUTCOMES = ("published", "unrouted", "spooled", "duplicate", "rejected", "failed")
 PUBLISH_RESULTS = ("confirmed", *PUBLISH_FAILURES)
+# Refusals that set a spooled record aside (delivery.Replayer): the rest are retried.
+DEAD_LETTER_REASONS = ("returned", "channel_error")
 _LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PLATFORM_OPERATIONS = ("list", "get", "create", "update", "delete", "example", "types")
 PLATFORM_STATUS_CLASSES = ("2xx", "4xx", "5xx", "error")
@@ -43,7 +45,9 @@ def _rejection_reasons() -> tuple[str, ...]:
     return tuple(seen)
 
 
-REJECTION_REASONS = _rejection_reasons()
+# Refusals below the handlers (guarded runner): malformed HTTP and connection limits.
+HTTP_REFUSALS = ("malformed_request", "header_timeout", "too_many_connections")
+REJECTION_REASONS = (*_rejection_reasons(), *HTTP_REFUSALS)
 
 
 def event_type_label(event_type: str | None) -> str:
@@ -230,6 +234,8 @@ class Metrics:
                 self.broker_publishes.labels(event_type=event_type, result=result)
         for reason in REJECTION_REASONS:
             self.webhook_rejections.labels(reason=reason)
+        for reason in DEAD_LETTER_REASONS:
+            self.spool_dead_lettered.labels(reason)
         for outcome in OUTCOMES:
             self.webhook_duration.labels(outcome=outcome)
         for result in ("success", "failure"):

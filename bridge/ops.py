@@ -30,7 +30,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     ready = request.app[READINESS]()
-    request.app[OPS_METRICS].ready.set(1 if ready else 0)
     return web.json_response(
         {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
     )

@@ -59,6 +59,29 @@ def build_message(event: WebhookEvent) -> aio_pika.Message:
     )
 
 
+# While the broker stays away, say so again every this many attempts (about a minute).
+_REPEAT_FAILURE_LOG_EVERY = 12
+
+
+def log_connect_failure(exc: BaseException, url: str, attempt: int, delay: float) -> None:
+    """First failure and then now and again; a refused topology is an error, not an outage."""
+    if attempt % _REPEAT_FAILURE_LOG_EVERY:
+        return
+    error = redact_text(str(exc))[:200] or type(exc).__name__
+    if isinstance(exc, PublishError | aiormq.exceptions.AMQPChannelError):
+        # The broker answered but refused a declaration (e.g. a queue argument of the wrong
+        # type): retrying will not help until the configuration changes.
+        log.error("broker.topology_rejected", error=error, attempts=attempt + 1)
+    else:
+        log.warning(
+            "broker.unreachable",
+            url=redact_url(url),
+            error=error,
+            attempts=attempt + 1,
+            retry_in_seconds=delay,
+        )
+
+
 def failure_reason(exc: BaseException) -> str:
     """Map a library exception to one of errors.PUBLISH_FAILURES."""
     if isinstance(exc, TimeoutError):
@@ -223,13 +246,7 @@ class AmqpPublisher:
                 delay = _FIRST_CONNECT_DELAYS_SECONDS[
                     min(attempt, len(_FIRST_CONNECT_DELAYS_SECONDS) - 1)
                 ]
-                if attempt == 0:
-                    log.warning(
-                        "broker.unreachable",
-                        url=redact_url(url),
-                        error=redact_text(str(exc))[:200],
-                        retry_in_seconds=delay,
-                    )
+                log_connect_failure(exc, url, attempt, delay)
                 attempt += 1
                 if self._connection is not None:
                     await self._connection.close()

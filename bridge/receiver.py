@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from bridge.auth import check_credentials
 from bridge.config import ReceiverConfig, TenantConfig
@@ -17,6 +19,10 @@ from bridge.delivery import Delivery, Outcome
 from bridge.errors import (
     BodyTimeout,
     BodyTooLarge,
+    IncompleteBody,
+    InvalidBody,
+    MethodNotAllowed,
+    NotFound,
     RejectedEvent,
     TenantMismatch,
     Unauthorized,
@@ -74,14 +80,52 @@ def build_app(
     metrics: Metrics,
     hooks: ReceiverHooks | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[_unknown_routes_are_answered]
+    )
     app[HOOKS] = hooks or ReceiverHooks()
     app[DELIVERY] = delivery
     app[TENANTS] = tenants
     app[SETTINGS] = settings
     app[METRICS] = metrics
-    app.router.add_post("/one/{tenant}/events", handle_callback)
+    app.router.add_post(
+        "/one/{tenant}/events", handle_callback, expect_handler=_check_before_continue
+    )
     return app
+
+
+@web.middleware
+async def _unknown_routes_are_answered(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Paths and methods we do not serve get the same log line and metric as any rejection."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _reject(NotFound("no such path"), request, "", None, None, 0, time.perf_counter())
+    except web.HTTPMethodNotAllowed:
+        exc = MethodNotAllowed("only POST is served here")
+        response = _reject(exc, request, "", None, None, 0, time.perf_counter())
+        response.headers["Allow"] = "POST"
+        return response
+
+
+async def _check_before_continue(request: web.Request) -> web.StreamResponse | None:
+    """Expect: 100-continue: say "continue" only to a request we would read."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="unknown Expect")
+    started = time.perf_counter()
+    tenant_key = request.match_info["tenant"]
+    try:
+        _authenticate(request, tenant_key)
+        _check_headers(request, request.app[SETTINGS])
+    except RejectedEvent as exc:
+        return _reject(exc, request, tenant_key, None, None, 0, started)
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's own: the response proper has not started
+    return None
 
 
 async def handle_callback(request: web.Request) -> web.Response:
@@ -113,6 +157,7 @@ async def handle_callback(request: web.Request) -> web.Response:
             event_id=event_id,
         )
         metrics.webhook_requests.labels(event_type_label(event_type), "failed").inc()
+        metrics.webhook_duration.labels("failed").observe(time.perf_counter() - started)
         return web.json_response(
             {"status": "failed"}, status=503, headers={"Retry-After": RETRY_AFTER_SECONDS}
         )
@@ -154,21 +199,29 @@ def _authenticate(request: web.Request, tenant_key: str) -> None:
         raise UnknownTenant("tenant is not configured")
     if tenant.auth == "basic":
         assert tenant.username is not None
+        authorizations = request.headers.getall("Authorization", [])
+        if len(authorizations) > 1:
+            raise Unauthorized("several Authorization headers")
         if not check_credentials(
-            request.headers.get("Authorization"),
+            authorizations[0] if authorizations else None,
             username=tenant.username,
             passwords=tenant.password_values(),
         ):
             raise Unauthorized("missing or wrong credentials")
 
 
-async def _read_body(request: web.Request, settings: ReceiverConfig) -> bytes:
-    """The whole body, bounded in size (chunked or not) and in time (lying Content-Length)."""
+def _check_headers(request: web.Request, settings: ReceiverConfig) -> None:
     if not is_json_media_type(request.content_type):
         raise UnsupportedMediaType("Content-Type must be application/json")
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"body is larger than {limit} bytes")
+
+
+async def _read_body(request: web.Request, settings: ReceiverConfig) -> bytes:
+    """The whole body, bounded in size (chunked or not) and in time (lying Content-Length)."""
+    _check_headers(request, settings)
+    limit = settings.max_body_bytes
     chunks: list[bytes] = []
     size = 0
     try:
@@ -180,6 +233,11 @@ async def _read_body(request: web.Request, settings: ReceiverConfig) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise BodyTimeout("body did not arrive in time") from None
+    except (HttpProcessingError, RequestPayloadError):
+        # E.g. Content-Encoding: gzip on a body that is not gzip.
+        raise InvalidBody("body could not be decoded") from None
+    except ConnectionError:
+        raise IncompleteBody("the sender closed the connection mid-body") from None
     return b"".join(chunks)
 
 

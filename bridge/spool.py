@@ -324,7 +324,7 @@ class _Writer:
         self.commits = 0  # transactions committed; tests use it to see group commit happen
         self.snapshot = (SpoolStats(0, 0, None, 0), frozenset[str]())
         self.thread = threading.Thread(target=self._main, name="spool-writer", daemon=True)
-        self._limits = limits
+        self.limits = self._limits = limits
         self._jobs: queue.SimpleQueue[_Job[Any]] = queue.SimpleQueue()
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
@@ -602,6 +602,11 @@ class SqliteSpool:
     def stats(self) -> SpoolStats:
         """Committed totals, from memory."""
         return self._writer.snapshot[0]
+
+    def is_full(self) -> bool:
+        """At either bound: the next append would be refused (a tiny body may still fit)."""
+        stats, limits = self.stats(), self._writer.limits
+        return stats.events >= limits.max_events or stats.body_bytes >= limits.max_bytes
 
     def exchanges_pending(self) -> frozenset[str]:
         """Exchanges with records in the spool or an append under way, from memory."""

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import CASES, DEV_PASSWORD, DEV_USER, make_config
+from support.amqp import wait_until
 
 from bridge.dedupe import RecentEvents
 from bridge.delivery import Delivery
@@ -17,6 +18,7 @@ from bridge.errors import PublishError
 from bridge.events import UNROUTED_EXCHANGE, RoutingTable, WebhookEvent
 from bridge.receiver import DELIVERY, build_app
 from bridge.spool import SqliteSpool
+from bridge.webserver import GuardedAppRunner
 
 EXAMPLE_BODY = (CASES / "documented-example-cartopened.body.json").read_bytes()
 URL = "/one/klient/events"
@@ -467,3 +469,107 @@ async def test_other_methods_and_paths_are_not_served(client, sink):
     assert (await client.get(URL)).status == 405
     assert (await client.post("/one/klient", data=EXAMPLE_BODY, headers=GOOD_HEADERS)).status == 404
     assert sink.published == []
+
+
+async def test_unknown_paths_and_methods_are_counted_like_any_rejection(client, metrics):
+    """404 and 405 from the router get a reason in the rejection counter (and a log line)."""
+    assert (await client.post("/nowhere", data=EXAMPLE_BODY, headers=GOOD_HEADERS)).status == 404
+    response = await client.get(URL)
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    for reason in ("not_found", "method_not_allowed"):
+        assert (
+            metrics.registry.get_sample_value(
+                "onebridge_webhook_rejections_total", {"reason": reason}
+            )
+            == 1
+        )
+
+
+async def test_two_authorization_headers_are_refused(client, sink):
+    """Which one counts would be a guess: neither does."""
+    headers = [
+        ("Authorization", basic()),
+        ("Authorization", basic(password="nope")),
+        ("Content-Type", "application/json"),
+    ]
+    response = await client.post(URL, data=EXAMPLE_BODY, headers=headers)
+    assert response.status == 401
+    assert sink.published == []
+
+
+async def raw_request(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    first = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    return first
+
+
+@pytest.mark.parametrize(
+    ("authorization", "status_line"),
+    [(basic(), b"HTTP/1.1 100 Continue"), (basic(password="nope"), b"HTTP/1.1 401")],
+)
+async def test_expect_continue_is_answered_only_after_the_checks(
+    aiohttp_server, make_app, authorization, status_line
+):
+    """A sender waiting for 100 Continue learns about wrong credentials before the body."""
+    server = await aiohttp_server(make_app())
+    first = await raw_request(
+        server.port,
+        b"POST /one/klient/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: " + authorization.encode() + b"\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 267\r\n\r\n",
+    )
+    assert first.startswith(status_line)
+
+
+async def test_sender_hanging_up_mid_body_is_a_rejection_not_a_failure(make_app, metrics):
+    """A half-sent body is the sender's doing: counted as incomplete_body, never 'failed'."""
+    # The production runner: the test server would cancel the handler when the client leaves.
+    runner = GuardedAppRunner(make_app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(
+        b"POST /one/klient/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: " + basic().encode() + b'\r\nContent-Length: 500\r\n\r\n{"type"'
+    )
+    await writer.drain()
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    await wait_until(lambda: sample("onebridge_webhook_requests_in_flight") == 1)  # reading
+    writer.close()
+    await writer.wait_closed()
+    await wait_until(
+        lambda: sample("onebridge_webhook_rejections_total", reason="incomplete_body") == 1
+    )
+    assert sample("onebridge_webhook_requests_total", event_type="unknown", outcome="failed") == 0
+    await runner.cleanup()
+
+
+async def test_content_encoding_that_does_not_decode_is_a_400(client, sink):
+    """gzip announced, not gzip sent: a plain 400, never a retryable 5xx."""
+    headers = {**GOOD_HEADERS, "Content-Encoding": "gzip"}
+    response = await client.post(URL, data=b"definitely not gzip", headers=headers)
+    assert response.status == 400
+    assert sink.published == []
+
+
+async def test_not_ready_when_the_broker_is_away_and_the_spool_is_full(aiohttp_client, make_app):
+    """Readiness means 'an event arriving now would be taken'; a full spool cannot take it."""
+    app = make_app()
+    client = await aiohttp_client(app)
+    delivery = app[DELIVERY]
+    sink = delivery._sink
+    sink.is_connected = False
+    assert delivery.can_accept
+    for n in range(3):
+        body = callback("CartOpened", f"fill-{n}")
+        assert (await client.post(URL, data=body, headers=GOOD_HEADERS)).status == 200
+    assert not delivery.can_accept
+    sink.is_connected = True
+    assert delivery.can_accept

@@ -9,7 +9,7 @@ import pytest
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # deploy/prometheus and deploy/grafana have their own owners; add them here once they lint.
-LINTED = ["k8s", "docker"]
+LINTED = ["k8s", "docker", "prometheus"]
 
 
 def yaml_files() -> list[Path]:

@@ -135,3 +135,10 @@ def test_effective_config_masks_every_secret(tmp_path):
     assert "broker-secret" not in shown
     assert "callback-secret" not in shown
     assert "user:***@127.0.0.1" in shown
+
+
+def test_tenant_key_that_would_overflow_an_exchange_name_is_refused(tmp_path):
+    """The key ends every exchange name (255 bytes at most): long keys fail at load."""
+    path = tmp_path / "b.toml"
+    path.write_text(f"[tenants.{'k' * 65}]\nauth = 'none'\n")
+    assert "longer than 64" in _error(path)

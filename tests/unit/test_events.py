@@ -76,3 +76,29 @@ def test_config_beats_platform_beats_documented_table():
 def test_unknown_type_has_no_exchange():
     """A type the tenant does not know is not guessed."""
     assert RoutingTable({}).exchange_for("klient", "SomethingNew") is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"type": "Evil", "eventId": "e", "type": "CartOpened"}',
+        b'{"type": "CartOpened", "eventId": "a", "eventId": "b"}',
+        b'{"type": "CartOpened", "eventId": "a", "\\u0065ventId": "b"}',
+    ],
+)
+def test_repeated_type_or_event_id_is_refused(body):
+    """Parsers disagree on repeated keys (first or last wins): refuse rather than guess."""
+    with pytest.raises(InvalidBody, match="more than once"):
+        parse_event(body, tenant="t", received_at=1.0)
+
+
+def test_repeated_keys_inside_nested_objects_are_fine():
+    """Only the top level decides type and eventId."""
+    body = b'{"type": "CartOpened", "eventId": "e", "a": {"type": 1}, "b": {"type": 2}}'
+    assert parse_event(body, tenant="t", received_at=1.0).event_id == "e"
+
+
+def test_unicode_escapes_elsewhere_are_fine():
+    """An escaped character in another field does not trip the repeated-key check."""
+    body = b'{"type": "CartOpened", "eventId": "e", "name": "\\u017c\\u00f3\\u0142w"}'
+    assert parse_event(body, tenant="t", received_at=1.0).event_type == "CartOpened"

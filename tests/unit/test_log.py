@@ -80,3 +80,16 @@ def test_console_format_is_not_json():
         logging.getLogger().handlers.clear()
     assert "bridge.started" in buffer.getvalue()
     assert not buffer.getvalue().lstrip().startswith("{")
+
+
+def test_console_escapes_terminal_control_sequences():
+    """An eventId carrying ESC sequences cannot repaint an operator's terminal."""
+    buffer = io.StringIO()
+    log.configure("info", "console", buffer)
+    try:
+        structlog.get_logger("t").info("webhook.handled", event_id="inj\x1b[2J\x1b[31mRED")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    assert "\x1b" not in buffer.getvalue()
+    assert "\\x1b[2J" in buffer.getvalue()
