@@ -284,8 +284,10 @@ class Replayer:
             if isinstance(result, PublishError) and result.reason not in _TRANSIENT_FAILURES:
                 refused = True
                 await self._count_refusal(record, result.reason)
-            elif isinstance(result, BaseException) and not isinstance(result, PublishError):
+            elif isinstance(result, Exception) and not isinstance(result, PublishError):
                 raise result
+            # A bare CancelledError (a library future cancelled under us) is only unconfirmed:
+            # the record stays spooled for the next round; re-raising it would end this task.
         if refused and not confirmed:
             await asyncio.sleep(_REFUSED_RETRY_SECONDS)
         if confirmed:

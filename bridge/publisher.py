@@ -82,6 +82,12 @@ def log_connect_failure(exc: BaseException, url: str, attempt: int, delay: float
         )
 
 
+def _cancel_was_requested() -> bool:
+    """True when our own task is being cancelled, not a future of the library's."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def failure_reason(exc: BaseException) -> str:
     """Map a library exception to one of errors.PUBLISH_FAILURES."""
     if isinstance(exc, TimeoutError):
@@ -178,6 +184,12 @@ class AmqpPublisher:
                 self._exchanges.pop(exchange_name, None)
             self._on_publish(event.event_type, reason, loop.time() - started)
             raise PublishError(reason, redact_text(str(exc))[:200]) from exc
+        except asyncio.CancelledError as exc:
+            if _cancel_was_requested():
+                raise
+            # aiormq cancels the confirm futures of a connection that closed under them.
+            self._on_publish(event.event_type, "disconnected", loop.time() - started)
+            raise PublishError("disconnected", "connection closed before the confirm") from exc
         self._on_publish(event.event_type, "confirmed", loop.time() - started)
 
     async def _declare(self, name: str) -> AbstractRobustExchange:

@@ -82,3 +82,21 @@ async def test_timed_out_batches_back_off_instead_of_resending_at_once():
     assert loop.time() - started >= 1 + 2  # two pauses: 1 s, then 2 s
     assert len(sink.published) == 4  # two attempts of the batch of two, not more
     assert len(spool.records) == 2
+
+
+class CancelledOnceSink(FakeSink):
+    """The first publish ends the way a library future cancelled by a lost connection does."""
+
+    async def publish(self, event: WebhookEvent, exchange_name: str, *, timeout: float) -> None:
+        self.published.append(event.event_id)
+        if len(self.published) == 1:
+            raise asyncio.CancelledError
+
+
+async def test_a_publish_cancelled_under_the_replayer_is_retried_not_raised():
+    """The cancelled record stays spooled and goes out in the next batch; nothing escapes that
+    would end the replayer's task."""
+    spool, sink = FakeSpool(2), CancelledOnceSink()
+    assert await replayer(spool, sink).drain() == 2
+    assert sink.published == ["e0", "e1", "e0"]
+    assert spool.records == []

@@ -70,8 +70,20 @@ class PausedWriter:
     """Holds the writer thread inside a job so that what is submitted meanwhile forms one batch."""
 
     def __init__(self, spool: SqliteSpool) -> None:
+        self._entered = threading.Event()
         self._gate = threading.Event()
-        self.task = asyncio.ensure_future(spool._call(lambda conn: self._gate.wait()))
+        self.task = asyncio.ensure_future(spool._call(self._hold))
+
+    def _hold(self, conn: object) -> None:
+        self._entered.set()
+        self._gate.wait()
+
+    @classmethod
+    async def start(cls, spool: SqliteSpool) -> PausedWriter:
+        """Returns once the writer thread is inside the held job, so nothing joins its batch."""
+        paused = cls(spool)
+        await asyncio.get_running_loop().run_in_executor(None, paused._entered.wait)
+        return paused
 
     def release_after_pending_callbacks(self) -> None:
         # call_soon runs callbacks in order: tasks created before this call take their first
@@ -219,7 +231,7 @@ async def test_exchanges_pending_tracks_which_exchanges_have_records(spool: Sqli
 
 async def test_exchange_is_pending_from_the_moment_append_is_called(spool: SqliteSpool) -> None:
     """A later event for the exchange must queue behind one still being written."""
-    paused = PausedWriter(spool)
+    paused = await PausedWriter.start(spool)
     append = asyncio.ensure_future(spool.append("slow", make_event()))
     seen: list[tuple[frozenset[str], int]] = []
     loop = asyncio.get_running_loop()
@@ -238,7 +250,7 @@ async def test_exchange_is_pending_from_the_moment_append_is_called(spool: Sqlit
 
 async def test_concurrent_appends_share_one_commit(spool: SqliteSpool) -> None:
     """64 appends queued while the writer is busy are committed by one transaction."""
-    paused = PausedWriter(spool)
+    paused = await PausedWriter.start(spool)
     appends = [asyncio.ensure_future(spool.append("x", make_event(f"e-{i}"))) for i in range(64)]
     commits_before = spool._writer.commits
     paused.release_after_pending_callbacks()
@@ -257,7 +269,7 @@ async def test_full_spool_refuses_only_the_appends_that_do_not_fit_in_a_batch(
     """Within one batch, records beyond max_events get SpoolFull and the rest commit."""
     spool = await open_spool(tmp_path, max_events=3)
     try:
-        paused = PausedWriter(spool)
+        paused = await PausedWriter.start(spool)
         appends = [asyncio.ensure_future(spool.append("x", make_event())) for _ in range(5)]
         commits_before = spool._writer.commits
         paused.release_after_pending_callbacks()
@@ -276,7 +288,7 @@ async def test_append_cancelled_before_the_writer_took_it_is_not_stored(
     spool: SqliteSpool,
 ) -> None:
     """A caller that gave up before its record was written leaves nothing behind."""
-    paused = PausedWriter(spool)
+    paused = await PausedWriter.start(spool)
     append = asyncio.ensure_future(spool.append("x", make_event()))
     asyncio.get_running_loop().call_soon(append.cancel)
 
@@ -380,7 +392,7 @@ async def test_failing_record_does_not_fail_its_batch_mates(spool: SqliteSpool) 
     """When one record of a batch hits SQLITE_FULL, only that append raises."""
     pages = await pragma(spool, "PRAGMA page_count")
     await pragma(spool, f"PRAGMA max_page_count = {pages}")  # room inside pages, none for more
-    paused = PausedWriter(spool)
+    paused = await PausedWriter.start(spool)
     small = asyncio.ensure_future(spool.append("x", make_event("small", b"{}")))
     large = asyncio.ensure_future(spool.append("x", make_event("large", b"x" * 20_000)))
     paused.release_after_pending_callbacks()
