@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import re
 import sys
+import time
 from collections.abc import Iterable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -32,13 +36,18 @@ class Redactor:
         # Very short values would mask ordinary words; config validation keeps real ones longer.
         known = sorted({s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len, reverse=True)
         self._known = re.compile("|".join(map(re.escape, known))) if known else None
+        # Field names come from our code, a few dozen at most: decide each once.
+        self._is_secret_key: dict[str, bool] = {}
 
     def __call__(
         self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         from_stdlib = event_dict.pop("_from_stdlib", False)
         for key, value in event_dict.items():
-            if is_secret_key(key):
+            is_secret = self._is_secret_key.get(key)
+            if is_secret is None:
+                is_secret = self._is_secret_key[key] = is_secret_key(key)
+            if is_secret:
                 event_dict[key] = MASK
             elif isinstance(value, str):
                 if key in _TEXT_FIELDS or (from_stdlib and key == "event"):
@@ -60,6 +69,21 @@ def _escape_control_characters(
         if isinstance(value, str) and key != "exception":
             event_dict[key] = value.translate(_CONTROL_CHARACTERS)
     return event_dict
+
+
+def _add_utc_timestamp(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """ISO 8601 UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) writes it,
+    with the date and time part formatted once per second: this runs for every log line."""
+    fraction, whole = math.modf(time.time())
+    event_dict["timestamp"] = f"{_utc_second(int(whole))}.{int(fraction * 1_000_000):06d}Z"
+    return event_dict
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(unix_second: int) -> str:
+    return datetime.fromtimestamp(unix_second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _mark_stdlib(
@@ -90,7 +114,7 @@ def configure(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_utc_timestamp,
     ]
     tail: list[Any] = [
         structlog.processors.format_exc_info,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -60,6 +60,9 @@ class Metrics:
         # `*_created` series double the series count and no dashboard or alert here uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry = registry if registry is not None else CollectorRegistry()
+        # Labelled children by label values; the label sets are bounded (event_type_label).
+        self._handled_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._publish_children: dict[tuple[str, str], Any] = {}
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
@@ -269,7 +272,30 @@ class Metrics:
         if latency_seconds is not None:
             self.canary_latency.observe(latency_seconds)
 
+    def record_handled(
+        self, event_type: str, outcome: str, seconds: float, body_bytes: int, received_at: float
+    ) -> None:
+        """One accepted callback: the per-request hot path, so labelled children are cached."""
+        type_label = event_type_label(event_type)
+        key = (type_label, outcome)
+        children = self._handled_children.get(key)
+        if children is None:
+            children = self._handled_children[key] = (
+                self.webhook_requests.labels(type_label, outcome),
+                self.last_event.labels(type_label),
+                self.webhook_duration.labels(outcome),
+            )
+        requests, last_event, duration = children
+        requests.inc()
+        last_event.set(received_at)
+        duration.observe(seconds)
+        self.webhook_body_bytes.observe(body_bytes)
+
     def record_publish(self, event_type: str, result: str, seconds: float) -> None:
-        self.broker_publishes.labels(event_type=event_type_label(event_type), result=result).inc()
+        key = (event_type_label(event_type), result)
+        counter = self._publish_children.get(key)
+        if counter is None:
+            counter = self._publish_children[key] = self.broker_publishes.labels(*key)
+        counter.inc()
         if result == "confirmed":
             self.broker_confirm_duration.observe(seconds)

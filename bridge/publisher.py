@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import ssl
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -30,11 +32,19 @@ log = structlog.get_logger("bridge.publisher")
 
 
 def rfc3339(unix_seconds: float) -> str:
-    return (
-        datetime.fromtimestamp(unix_seconds, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    """UTC with milliseconds, e.g. 2026-12-03T21:05:09.123Z; the same digits as datetime's."""
+    # Split and round as datetime.fromtimestamp does, so the two never disagree.
+    fraction, whole = math.modf(unix_seconds)
+    micros = round(fraction * 1_000_000)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    return f"{_utc_second(int(whole))}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _utc_second(unix_second: int) -> str:
+    # Events arrive many per second: the date and time part is formatted once per second.
+    return datetime.fromtimestamp(unix_second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def build_message(event: WebhookEvent) -> aio_pika.Message:
