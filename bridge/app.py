@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import signal
 import ssl
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
 
@@ -26,11 +27,14 @@ from bridge.fastpublisher import FastPublisher
 from bridge.metrics import Metrics
 from bridge.ops import build_ops_app
 from bridge.publisher import AmqpPublisher
-from bridge.receiver import ReceiverHooks, build_app
+from bridge.receiver import Receiver, ReceiverHooks
 from bridge.spool import SqliteSpool
-from bridge.webserver import GuardedAppRunner
+from bridge.webserver import GuardedAppRunner, GuardedServerRunner
 
 log = structlog.get_logger("bridge.app")
+
+# How often a spool marked unwritable is tried again with a write that changes nothing.
+SPOOL_RECHECK_SECONDS = 2.0
 
 
 class Bridge:
@@ -146,17 +150,20 @@ class Bridge:
         self._stack.push_async_callback(self.publisher.close)
         await replayer.start()
         self._stack.push_async_callback(replayer.stop)
+        recheck = asyncio.create_task(
+            _every(SPOOL_RECHECK_SECONDS, delivery.recheck_spool), name="spool-recheck"
+        )
+        self._stack.callback(recheck.cancel)
 
         receiver = config.receiver
-        receiver_runner = GuardedAppRunner(
-            build_app(
+        receiver_runner = GuardedServerRunner(
+            Receiver(
                 delivery=delivery,
                 tenants=config.tenants,
                 settings=receiver,
                 metrics=self.metrics,
                 hooks=ReceiverHooks(on_example=self.watch.saw, on_rejected=self.watch.rejected),
-            ),
-            access_log=None,
+            ).server(access_log=None),
             # In-flight handlers get this long to finish once the listener is closed.
             shutdown_timeout=receiver.shutdown_timeout_seconds,
             header_timeout_seconds=receiver.header_timeout_seconds,
@@ -233,8 +240,17 @@ class MetricsHooks(Hooks):
         self._metrics.record_canary(result.event_type, result.is_ok, result.latency_seconds)
 
 
+async def _every(seconds: float, action: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await action()
+        except Exception:  # task root: log and keep going
+            log.exception("background.failed", action=getattr(action, "__name__", repr(action)))
+
+
 async def _listen(
-    runner: GuardedAppRunner,
+    runner: web.BaseRunner,
     host: str,
     port: int,
     *,

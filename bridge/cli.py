@@ -115,7 +115,9 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    log.configure(cfg.log.level, cfg.log.format, secrets=config.secret_values(cfg))
+    log.configure(
+        cfg.log.level, cfg.log.format, secrets=config.secret_values(cfg), cache_loggers=True
+    )
     from bridge.app import serve
 
     if cfg.event_loop != "asyncio":

@@ -75,6 +75,8 @@ class Spool(Protocol):
 
     async def head(self, limit: int) -> Sequence[SpooledRecord]: ...
 
+    async def probe(self) -> None: ...
+
     async def delete(self, seqs: Sequence[int]) -> None: ...
 
     async def dead_letter(self, seq: int, reason: str) -> None: ...
@@ -187,6 +189,17 @@ class Delivery:
         self._set_spool_writable(True)
         self._on_spooled()
         return Outcome.SPOOLED
+
+    async def recheck_spool(self) -> None:
+        """While the spool is marked unwritable, try a write: once the disk has room again,
+        readiness comes back without waiting for a callback (a not-ready bridge gets none)."""
+        if self.is_spool_writable:
+            return
+        try:
+            await self._spool.probe()
+        except SpoolError:
+            return
+        self._set_spool_writable(True)
 
     def _set_spool_writable(self, is_writable: bool, exc: BaseException | None = None) -> None:
         if is_writable == self.is_spool_writable:

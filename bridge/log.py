@@ -103,10 +103,13 @@ def configure(
     stream: TextIO | None = None,
     *,
     secrets: Iterable[str] = (),
+    cache_loggers: bool = False,
 ) -> None:
     """Set up structlog and route aiohttp/aio-pika/aiormq logging through the same processors.
 
     `secrets` are values never to be printed (passwords, API keys, their Basic forms).
+    `cache_loggers` binds each module's logger once, on first use (a daemon configures logging
+    once; tests configure it again and again, and need every logger to follow).
     """
     stream = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
@@ -131,7 +134,7 @@ def configure(
         processors=[*shared, *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache_loggers,
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import structlog
@@ -43,12 +44,8 @@ class ReceiverHooks:
     on_rejected: Callable[[str, str], None] = lambda tenant, reason: None
 
 
-DELIVERY = web.AppKey("delivery", Delivery)
-HOOKS = web.AppKey("hooks", ReceiverHooks)
-METRICS = web.AppKey("metrics", Metrics)
-TENANTS = web.AppKey("tenants", Mapping[str, TenantConfig])
-SETTINGS = web.AppKey("settings", ReceiverConfig)
-
+PATH_PREFIX = "/one/"
+PATH_SUFFIX = "/events"
 RETRY_AFTER_SECONDS = "5"
 # Safe, but worth a look: unknown types, and events waiting on disk for the broker.
 _DEGRADED_OUTCOMES = frozenset({Outcome.UNROUTED, Outcome.SPOOLED})
@@ -73,141 +70,190 @@ def rejection_headers(exc: RejectedEvent) -> dict[str, str]:
     return {}
 
 
-def build_app(
-    *,
-    delivery: Delivery,
-    tenants: Mapping[str, TenantConfig],
-    settings: ReceiverConfig,
-    metrics: Metrics,
-    hooks: ReceiverHooks | None = None,
-) -> web.Application:
-    app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[_unknown_routes_are_answered]
-    )
-    app[HOOKS] = hooks or ReceiverHooks()
-    app[DELIVERY] = delivery
-    app[TENANTS] = tenants
-    app[SETTINGS] = settings
-    app[METRICS] = metrics
-    app.router.add_post(
-        "/one/{tenant}/events", handle_callback, expect_handler=_check_before_continue
-    )
-    return app
-
-
-@web.middleware
-async def _unknown_routes_are_answered(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Paths and methods we do not serve get the same log line and metric as any rejection."""
-    try:
-        return await handler(request)
-    except web.HTTPNotFound:
-        return _reject(NotFound("no such path"), request, "", None, None, 0, time.perf_counter())
-    except web.HTTPMethodNotAllowed:
-        exc = MethodNotAllowed("only POST is served here")
-        response = _reject(exc, request, "", None, None, 0, time.perf_counter())
-        response.headers["Allow"] = "POST"
-        return response
-
-
-async def _check_before_continue(request: web.Request) -> web.StreamResponse | None:
-    """Expect: 100-continue: say "continue" only to a request we would read."""
-    if request.version != HttpVersion11:
+def tenant_in_path(path: str) -> str | None:
+    """The {tenant} of /one/{tenant}/events, or None for any other path."""
+    if not (path.startswith(PATH_PREFIX) and path.endswith(PATH_SUFFIX)):
         return None
-    if request.headers.get("Expect", "").lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text="unknown Expect")
-    started = time.perf_counter()
-    tenant_key = request.match_info["tenant"]
-    try:
-        _authenticate(request, tenant_key)
-        _check_headers(request, request.app[SETTINGS])
-    except RejectedEvent as exc:
-        return _reject(exc, request, tenant_key, None, None, 0, started)
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # as aiohttp's own: the response proper has not started
-    return None
+    tenant = path[len(PATH_PREFIX) : -len(PATH_SUFFIX)]
+    return tenant if tenant and "/" not in tenant else None
 
 
-async def handle_callback(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    started = time.perf_counter()
-    tenant_key = request.match_info["tenant"]
-    event_type: str | None = None
-    event_id: str | None = None
-    body_bytes = 0
-    metrics.webhook_in_flight.inc()
-    try:
-        _authenticate(request, tenant_key)
-        body = await _read_body(request, request.app[SETTINGS])
-        body_bytes = len(body)
-        event = parse_event(body, tenant=tenant_key, received_at=time.time())
-        event_type, event_id = event.event_type, event.event_id
-        header_tenant = request.headers.get("one-tenant")
-        if header_tenant is not None and header_tenant != tenant_key:
-            raise TenantMismatch("one-tenant header differs from the tenant in the path")
-        outcome = await request.app[DELIVERY].accept(event)
-    except RejectedEvent as exc:
-        return _reject(exc, request, tenant_key, event_type, event_id, body_bytes, started)
-    except Exception:
-        # A bug of ours, not bad input: answer retryably and keep the daemon alive.
-        log.exception(
-            "webhook.failed",
+class Receiver:
+    """Serves POST /one/{tenant}/events on aiohttp's low-level server: one path, one method, so
+    the application router and middleware chain would only add cost to every callback."""
+
+    def __init__(
+        self,
+        *,
+        delivery: Delivery,
+        tenants: Mapping[str, TenantConfig],
+        settings: ReceiverConfig,
+        metrics: Metrics,
+        hooks: ReceiverHooks | None = None,
+    ) -> None:
+        self.delivery = delivery
+        self.tenants = tenants
+        self.settings = settings
+        self.metrics = metrics
+        self.hooks = hooks or ReceiverHooks()
+
+    def server(self, **kwargs: Any) -> web.Server:
+        return web.Server(self.handle, **kwargs)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        tenant_key = tenant_in_path(request.path)
+        if tenant_key is None:
+            return self._reject(NotFound("no such path"), request, "", None, None, 0, _now())
+        if request.method != "POST":
+            exc = MethodNotAllowed("only POST is served here")
+            response = self._reject(exc, request, "", None, None, 0, _now())
+            response.headers["Allow"] = "POST"
+            return response
+        if "Expect" in request.headers:
+            refusal = await self._check_before_continue(request, tenant_key)
+            if refusal is not None:
+                return refusal
+        return await self._handle_callback(request, tenant_key)
+
+    async def _check_before_continue(
+        self, request: web.BaseRequest, tenant_key: str
+    ) -> web.StreamResponse | None:
+        """Expect: 100-continue: say "continue" only to a request we would read."""
+        if request.version != HttpVersion11:
+            return None
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="unknown Expect")
+        started = _now()
+        try:
+            self._authenticate(request, tenant_key)
+            _check_headers(request, self.settings)
+        except RejectedEvent as exc:
+            return self._reject(exc, request, tenant_key, None, None, 0, started)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own: the response proper has not started
+        return None
+
+    async def _handle_callback(self, request: web.BaseRequest, tenant_key: str) -> web.Response:
+        metrics = self.metrics
+        started = _now()
+        event_type: str | None = None
+        event_id: str | None = None
+        body_bytes = 0
+        metrics.webhook_in_flight.inc()
+        try:
+            self._authenticate(request, tenant_key)
+            body = await _read_body(request, self.settings)
+            body_bytes = len(body)
+            event = parse_event(body, tenant=tenant_key, received_at=time.time())
+            event_type, event_id = event.event_type, event.event_id
+            header_tenant = request.headers.get("one-tenant")
+            if header_tenant is not None and header_tenant != tenant_key:
+                raise TenantMismatch("one-tenant header differs from the tenant in the path")
+            outcome = await self.delivery.accept(event)
+        except RejectedEvent as exc:
+            return self._reject(exc, request, tenant_key, event_type, event_id, body_bytes, started)
+        except Exception:
+            # A bug of ours, not bad input: answer retryably and keep the daemon alive.
+            log.exception(
+                "webhook.failed",
+                tenant=tenant_key[:_LOGGED_TEXT_CHARS],
+                event_type=event_type,
+                event_id=event_id,
+            )
+            metrics.webhook_requests.labels(event_type_label(event_type), "failed").inc()
+            metrics.webhook_duration.labels("failed").observe(_now() - started)
+            return web.json_response(
+                {"status": "failed"}, status=503, headers={"Retry-After": RETRY_AFTER_SECONDS}
+            )
+        finally:
+            metrics.webhook_in_flight.dec()
+
+        seconds = _now() - started
+        metrics.record_handled(
+            event.event_type, outcome.value, seconds, body_bytes, event.received_at
+        )
+        fields = dict(
+            tenant=tenant_key,
+            event_type=event.event_type[:_LOGGED_TEXT_CHARS],
+            event_id=event.event_id,
+            outcome=outcome.value,
+            status=200,
+            body_bytes=body_bytes,
+            duration_ms=round(seconds * 1000, 2),
+        )
+        if outcome is Outcome.DUPLICATE:
+            metrics.duplicates.inc()
+        if event.is_example:
+            self.hooks.on_example(event.event_id)
+        if outcome in _DEGRADED_OUTCOMES:
+            log.warning("webhook.handled", **fields)
+        else:
+            log.info("webhook.handled", **fields)
+        return web.Response(
+            body=orjson.dumps({"status": outcome.value, "eventId": event.event_id}),
+            content_type="application/json",
+        )
+
+    def _authenticate(self, request: web.BaseRequest, tenant_key: str) -> None:
+        tenant = self.tenants.get(tenant_key)
+        if tenant is None:
+            raise UnknownTenant("tenant is not configured")
+        if tenant.auth == "basic":
+            assert tenant.username is not None
+            authorizations = request.headers.getall("Authorization", [])
+            if len(authorizations) > 1:
+                raise Unauthorized("several Authorization headers")
+            if not check_credentials(
+                authorizations[0] if authorizations else None,
+                username=tenant.username,
+                passwords=tenant.password_values(),
+            ):
+                raise Unauthorized("missing or wrong credentials")
+
+    def _reject(
+        self,
+        exc: RejectedEvent,
+        request: web.BaseRequest,
+        tenant_key: str,
+        event_type: str | None,
+        event_id: str | None,
+        body_bytes: int,
+        started: float,
+    ) -> web.Response:
+        metrics = self.metrics
+        seconds = _now() - started
+        self.hooks.on_rejected(tenant_key, exc.reason)
+        outcome = "failed" if isinstance(exc, Unavailable) else "rejected"
+        metrics.webhook_requests.labels(event_type_label(event_type), outcome).inc()
+        metrics.webhook_rejections.labels(exc.reason).inc()
+        metrics.webhook_duration.labels(outcome).observe(seconds)
+        fields = dict(
             tenant=tenant_key[:_LOGGED_TEXT_CHARS],
-            event_type=event_type,
-            event_id=event_id,
+            reason=exc.reason,
+            status=exc.status,
+            detail=exc.detail,
+            body_bytes=body_bytes,
+            duration_ms=round(seconds * 1000, 2),
+            peer=request.remote,
         )
-        metrics.webhook_requests.labels(event_type_label(event_type), "failed").inc()
-        metrics.webhook_duration.labels("failed").observe(time.perf_counter() - started)
-        return web.json_response(
-            {"status": "failed"}, status=503, headers={"Retry-After": RETRY_AFTER_SECONDS}
+        if event_type is not None:
+            fields.update(event_type=event_type[:_LOGGED_TEXT_CHARS], event_id=event_id)
+        if outcome == "failed":
+            log.error("webhook.failed", **fields)
+        else:
+            log.warning("webhook.rejected", **fields)
+        return web.Response(
+            status=exc.status,
+            body=orjson.dumps({"error": exc.reason, "detail": exc.detail}),
+            content_type="application/json",
+            headers=rejection_headers(exc),
         )
-    finally:
-        metrics.webhook_in_flight.dec()
-
-    seconds = time.perf_counter() - started
-    metrics.record_handled(event.event_type, outcome.value, seconds, body_bytes, event.received_at)
-    fields = dict(
-        tenant=tenant_key,
-        event_type=event.event_type[:_LOGGED_TEXT_CHARS],
-        event_id=event.event_id,
-        outcome=outcome.value,
-        status=200,
-        body_bytes=body_bytes,
-        duration_ms=round(seconds * 1000, 2),
-    )
-    if outcome is Outcome.DUPLICATE:
-        metrics.duplicates.inc()
-    if event.is_example:
-        request.app[HOOKS].on_example(event.event_id)
-    if outcome in _DEGRADED_OUTCOMES:
-        log.warning("webhook.handled", **fields)
-    else:
-        log.info("webhook.handled", **fields)
-    return web.Response(
-        body=orjson.dumps({"status": outcome.value, "eventId": event.event_id}),
-        content_type="application/json",
-    )
 
 
-def _authenticate(request: web.Request, tenant_key: str) -> None:
-    tenant = request.app[TENANTS].get(tenant_key)
-    if tenant is None:
-        raise UnknownTenant("tenant is not configured")
-    if tenant.auth == "basic":
-        assert tenant.username is not None
-        authorizations = request.headers.getall("Authorization", [])
-        if len(authorizations) > 1:
-            raise Unauthorized("several Authorization headers")
-        if not check_credentials(
-            authorizations[0] if authorizations else None,
-            username=tenant.username,
-            passwords=tenant.password_values(),
-        ):
-            raise Unauthorized("missing or wrong credentials")
+_now = time.perf_counter
 
 
-def _check_headers(request: web.Request, settings: ReceiverConfig) -> None:
+def _check_headers(request: web.BaseRequest, settings: ReceiverConfig) -> None:
     if not is_json_media_type(request.content_type):
         raise UnsupportedMediaType("Content-Type must be application/json")
     limit = settings.max_body_bytes
@@ -215,7 +261,7 @@ def _check_headers(request: web.Request, settings: ReceiverConfig) -> None:
         raise BodyTooLarge(f"body is larger than {limit} bytes")
 
 
-async def _read_body(request: web.Request, settings: ReceiverConfig) -> bytes:
+async def _read_body(request: web.BaseRequest, settings: ReceiverConfig) -> bytes:
     """The whole body, bounded in size (chunked or not) and in time (lying Content-Length)."""
     _check_headers(request, settings)
     limit = settings.max_body_bytes
@@ -250,42 +296,3 @@ def _read_buffered(content: StreamReader) -> bytes:
         return content.read_nowait()
     except (HttpProcessingError, RequestPayloadError):
         raise InvalidBody("body could not be decoded") from None
-
-
-def _reject(
-    exc: RejectedEvent,
-    request: web.Request,
-    tenant_key: str,
-    event_type: str | None,
-    event_id: str | None,
-    body_bytes: int,
-    started: float,
-) -> web.Response:
-    metrics = request.app[METRICS]
-    seconds = time.perf_counter() - started
-    request.app[HOOKS].on_rejected(tenant_key, exc.reason)
-    outcome = "failed" if isinstance(exc, Unavailable) else "rejected"
-    metrics.webhook_requests.labels(event_type_label(event_type), outcome).inc()
-    metrics.webhook_rejections.labels(exc.reason).inc()
-    metrics.webhook_duration.labels(outcome).observe(seconds)
-    fields = dict(
-        tenant=tenant_key[:_LOGGED_TEXT_CHARS],
-        reason=exc.reason,
-        status=exc.status,
-        detail=exc.detail,
-        body_bytes=body_bytes,
-        duration_ms=round(seconds * 1000, 2),
-        peer=request.remote,
-    )
-    if event_type is not None:
-        fields.update(event_type=event_type[:_LOGGED_TEXT_CHARS], event_id=event_id)
-    if outcome == "failed":
-        log.error("webhook.failed", **fields)
-    else:
-        log.warning("webhook.rejected", **fields)
-    return web.Response(
-        status=exc.status,
-        body=orjson.dumps({"error": exc.reason, "detail": exc.detail}),
-        content_type="application/json",
-        headers=rejection_headers(exc),
-    )

@@ -271,6 +271,17 @@ class _Delete(_Write[None]):
                 ledger.remove(exchange, body_bytes)
 
 
+class _Probe(_Write[None]):
+    """Rewrites the schema version in place: a real write and commit, changing nothing, to learn
+    whether the spool takes writes again (disk freed, file size limit lifted)."""
+
+    __slots__ = ()
+    action = "probe"
+
+    def apply(self, conn: sqlite3.Connection, ledger: _Ledger, limits: _Limits) -> None:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 class _DeadLetter(_Write[None]):
     __slots__ = ("reason", "seq")
     action = "dead_letter"
@@ -594,6 +605,10 @@ class SqliteSpool:
         """Remove records the broker confirmed; seqs no longer present are ignored."""
         if seqs:
             await self._submit(_Delete(seqs))
+
+    async def probe(self) -> None:
+        """Commit a write that changes nothing; SpoolError while the spool cannot be written."""
+        await self._submit(_Probe())
 
     async def dead_letter(self, seq: int, reason: str) -> None:
         """Move one record to dead_letters with `reason`; KeyError if no such record."""

@@ -132,6 +132,12 @@ class _GuardedServer(web.Server):
         return _GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+def _guard(server: web.Server, guard: _Guard) -> web.Server:
+    server.__class__ = _GuardedServer
+    server.guard = guard  # type: ignore[attr-defined]
+    return server
+
+
 class GuardedAppRunner(web.AppRunner):
     """An AppRunner whose connections are served by _GuardedRequestHandler."""
 
@@ -152,7 +158,27 @@ class GuardedAppRunner(web.AppRunner):
         )
 
     async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _GuardedServer
-        server.guard = self._guard  # type: ignore[attr-defined]
-        return server
+        return _guard(await super()._make_server(), self._guard)
+
+
+class GuardedServerRunner(web.ServerRunner):
+    """The same guard for aiohttp's low-level server (a handler without an application)."""
+
+    def __init__(
+        self,
+        server: web.Server,
+        *,
+        header_timeout_seconds: float = 10.0,
+        max_connections: int = 4096,
+        on_refused: Callable[[str], None] = lambda reason: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(server, **kwargs)
+        self._guard = _Guard(
+            header_timeout_seconds=header_timeout_seconds,
+            max_connections=max_connections,
+            on_refused=on_refused,
+        )
+
+    async def _make_server(self) -> web.Server:
+        return _guard(await super()._make_server(), self._guard)

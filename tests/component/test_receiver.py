@@ -16,9 +16,9 @@ from bridge.dedupe import RecentEvents
 from bridge.delivery import Delivery
 from bridge.errors import PublishError
 from bridge.events import UNROUTED_EXCHANGE, RoutingTable, WebhookEvent
-from bridge.receiver import DELIVERY, build_app
+from bridge.receiver import Receiver
 from bridge.spool import SqliteSpool
-from bridge.webserver import GuardedAppRunner
+from bridge.webserver import GuardedServerRunner
 
 EXAMPLE_BODY = (CASES / "documented-example-cartopened.body.json").read_bytes()
 URL = "/one/klient/events"
@@ -67,8 +67,8 @@ async def spool(tmp_path) -> AsyncIterator[SqliteSpool]:
 
 
 @pytest.fixture
-def make_app(sink, spool, metrics) -> Callable[..., web.Application]:
-    def make(**sections: object) -> web.Application:
+def make_receiver(sink, spool, metrics) -> Callable[..., Receiver]:
+    def make(**sections: object) -> Receiver:
         cfg = make_config(**sections)
         delivery = Delivery(
             sink,
@@ -80,7 +80,7 @@ def make_app(sink, spool, metrics) -> Callable[..., web.Application]:
             publish_timeout_seconds=cfg.broker.publish_timeout_seconds,
             max_in_flight=cfg.broker.max_in_flight,
         )
-        return build_app(
+        return Receiver(
             delivery=delivery, tenants=cfg.tenants, settings=cfg.receiver, metrics=metrics
         )
 
@@ -88,8 +88,18 @@ def make_app(sink, spool, metrics) -> Callable[..., web.Application]:
 
 
 @pytest.fixture
-async def client(aiohttp_client, make_app):
-    return await aiohttp_client(make_app())
+def receiver_client(aiohttp_client, aiohttp_raw_server):
+    """A test client of a receiver, served by aiohttp's low-level server as in production."""
+
+    async def connect(receiver: Receiver):
+        return await aiohttp_client(await aiohttp_raw_server(receiver.handle))
+
+    return connect
+
+
+@pytest.fixture
+async def client(receiver_client, make_receiver):
+    return await receiver_client(make_receiver())
 
 
 async def test_documented_example_is_forwarded_byte_for_byte(client, sink, metrics):
@@ -137,10 +147,10 @@ async def test_unknown_type_is_published_to_unrouted_not_dropped(client, sink):
 
 
 async def test_configured_exchange_overrides_the_documented_one(
-    aiohttp_client, make_app, sink, metrics
+    receiver_client, make_receiver, sink, metrics
 ):
     """An explicit `exchanges` entry wins over the documented table."""
-    app = make_app(
+    app = make_receiver(
         tenants={
             "klient": {
                 "username": DEV_USER,
@@ -149,7 +159,7 @@ async def test_configured_exchange_overrides_the_documented_one(
             }
         },
     )
-    client = await aiohttp_client(app)
+    client = await receiver_client(app)
     assert (await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)).status == 200
     assert sink.published[0][1] == "carts.custom"
 
@@ -273,9 +283,11 @@ async def test_chunked_body_over_the_limit_is_413(client, sink):
     assert sink.published == []
 
 
-async def test_body_that_never_arrives_times_out_with_408(aiohttp_server, make_app, sink, metrics):
+async def test_body_that_never_arrives_times_out_with_408(
+    aiohttp_raw_server, make_receiver, sink, metrics
+):
     """A Content-Length larger than what is sent does not hold a handler forever."""
-    server = await aiohttp_server(make_app(receiver={"body_timeout_seconds": 0.2}))
+    server = await aiohttp_raw_server(make_receiver(receiver={"body_timeout_seconds": 0.2}).handle)
     reader, writer = await asyncio.open_connection(server.host, server.port)
     writer.write(
         b"POST /one/klient/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -305,21 +317,23 @@ async def test_missing_one_tenant_header_is_accepted(client, sink):
 
 
 async def test_previous_password_still_works_during_rotation(
-    aiohttp_client, make_app, sink, metrics
+    receiver_client, make_receiver, sink, metrics
 ):
     """Every password in the list is accepted; the first is the current one."""
-    app = make_app(
+    app = make_receiver(
         tenants={"klient": {"username": DEV_USER, "passwords": ["new-one", DEV_PASSWORD]}},
     )
-    client = await aiohttp_client(app)
+    client = await receiver_client(app)
     for password in ("new-one", DEV_PASSWORD):
         headers = {**GOOD_HEADERS, "Authorization": basic(password=password)}
         assert (await client.post(URL, data=EXAMPLE_BODY, headers=headers)).status == 200
 
 
-async def test_tenant_with_auth_none_needs_no_credentials(aiohttp_client, make_app, sink, metrics):
+async def test_tenant_with_auth_none_needs_no_credentials(
+    receiver_client, make_receiver, sink, metrics
+):
     """auth = 'none' must be explicit, and then no Authorization header is needed."""
-    client = await aiohttp_client(make_app(tenants={"open": {"auth": "none"}}))
+    client = await receiver_client(make_receiver(tenants={"open": {"auth": "none"}}))
     response = await client.post(
         "/one/open/events", data=EXAMPLE_BODY, headers={"Content-Type": "application/json"}
     )
@@ -376,16 +390,16 @@ async def test_full_spool_is_503_never_200(client, sink, spool, metrics):
     assert spool.stats().events == 3
 
 
-async def test_unwritable_spool_is_503_and_not_ready(aiohttp_client, make_app, sink, spool):
+async def test_unwritable_spool_is_503_and_not_ready(receiver_client, make_receiver, sink, spool):
     """A spool that fails to write answers 503 and stops claiming it can accept."""
-    app = make_app()
-    client = await aiohttp_client(app)
+    app = make_receiver()
+    client = await receiver_client(app)
     sink.is_connected = False
     await spool.close()  # every later append fails with SpoolError
     response = await client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS)
     assert response.status == 503
     assert (await response.json())["error"] == "unavailable"
-    assert not app[DELIVERY].can_accept
+    assert not app.delivery.can_accept
 
 
 def callback(event_type: str, event_id: str, **fields: str) -> bytes:
@@ -436,10 +450,10 @@ async def test_example_callbacks_are_never_swallowed_as_duplicates(client, sink)
 
 
 async def test_failed_first_attempt_does_not_make_the_retry_a_duplicate(
-    aiohttp_client, make_app, sink, spool
+    receiver_client, make_receiver, sink, spool
 ):
     """If the first copy was not taken (503), the sender's retry is delivered."""
-    client = await aiohttp_client(make_app())
+    client = await receiver_client(make_receiver())
     sink.is_connected = False
     await spool.close()
     body = callback("CartOpened", "retried")
@@ -450,10 +464,10 @@ async def test_failed_first_attempt_does_not_make_the_retry_a_duplicate(
 
 
 async def test_publishes_beyond_the_in_flight_bound_get_a_fast_503(
-    aiohttp_client, make_app, sink, metrics
+    receiver_client, make_receiver, sink, metrics
 ):
     """With the bound reached, a new request is refused at once rather than queued."""
-    client = await aiohttp_client(make_app(broker={"max_in_flight": 1}))
+    client = await receiver_client(make_receiver(broker={"max_in_flight": 1}))
     sink.gate = asyncio.Event()
     first = asyncio.create_task(client.post(URL, data=EXAMPLE_BODY, headers=GOOD_HEADERS))
     await sink.entered.wait()
@@ -512,10 +526,10 @@ async def raw_request(port: int, raw: bytes) -> bytes:
     [(basic(), b"HTTP/1.1 100 Continue"), (basic(password="nope"), b"HTTP/1.1 401")],
 )
 async def test_expect_continue_is_answered_only_after_the_checks(
-    aiohttp_server, make_app, authorization, status_line
+    aiohttp_raw_server, make_receiver, authorization, status_line
 ):
     """A sender waiting for 100 Continue learns about wrong credentials before the body."""
-    server = await aiohttp_server(make_app())
+    server = await aiohttp_raw_server(make_receiver().handle)
     first = await raw_request(
         server.port,
         b"POST /one/klient/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -525,10 +539,10 @@ async def test_expect_continue_is_answered_only_after_the_checks(
     assert first.startswith(status_line)
 
 
-async def test_sender_hanging_up_mid_body_is_a_rejection_not_a_failure(make_app, metrics):
+async def test_sender_hanging_up_mid_body_is_a_rejection_not_a_failure(make_receiver, metrics):
     """A half-sent body is the sender's doing: counted as incomplete_body, never 'failed'."""
     # The production runner: the test server would cancel the handler when the client leaves.
-    runner = GuardedAppRunner(make_app())
+    runner = GuardedServerRunner(make_receiver().server())
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
@@ -559,11 +573,13 @@ async def test_content_encoding_that_does_not_decode_is_a_400(client, sink):
     assert sink.published == []
 
 
-async def test_not_ready_when_the_broker_is_away_and_the_spool_is_full(aiohttp_client, make_app):
+async def test_not_ready_when_the_broker_is_away_and_the_spool_is_full(
+    receiver_client, make_receiver
+):
     """Readiness means 'an event arriving now would be taken'; a full spool cannot take it."""
-    app = make_app()
-    client = await aiohttp_client(app)
-    delivery = app[DELIVERY]
+    app = make_receiver()
+    client = await receiver_client(app)
+    delivery = app.delivery
     sink = delivery._sink
     sink.is_connected = False
     assert delivery.can_accept

@@ -445,7 +445,8 @@ async def test_unwritable_spool_with_broker_unreachable_answers_503_and_turns_un
     rabbitmq,
 ):
     """Broker unreachable and the spool's files refused every write (RLIMIT_FSIZE lowered to 1
-    byte on the running bridge with prlimit): every callback 503, never 200; /readyz 503."""
+    byte on the running bridge with prlimit): every callback 503, never 200; /readyz 503, and
+    200 again once writes succeed, with the broker still away."""
     tenant = tenant_key("nowrite")
     queues = await AuditQueues(rabbitmq.url, tenant).prepare()
     prefix = unique("ev")
@@ -470,6 +471,9 @@ async def test_unwritable_spool_with_broker_unreachable_answers_503_and_turns_un
                     ready_while_unwritable = await bridge.readyz(session)
                 finally:
                     resource.prlimit(bridge.pid, resource.RLIMIT_FSIZE, (hard, hard))
+                # Still no broker: readiness returns because the spool takes writes again,
+                # found by the bridge's own probe, with no callback sent meanwhile.
+                await bridge.wait_metric("onebridge_ready", lambda v: v == 1, timeout=15)
                 ready_after_limit_lifted = await bridge.readyz(session)
                 proxy.restore()
                 await bridge.wait_metric(BROKER_CONNECTED, lambda v: v == 1)
@@ -491,6 +495,8 @@ async def test_unwritable_spool_with_broker_unreachable_answers_503_and_turns_un
     )
     assert statuses == {(503, "unavailable", "5")}, log[-3000:]
     assert ready_while_unwritable == 503
+    assert ready_after_limit_lifted == 200
+    assert '"spool.writable"' in log
     assert '"spool.unwritable"' in log
     report.assert_nothing_lost()
     assert len(report.received) == 3

@@ -102,3 +102,20 @@ def test_unicode_escapes_elsewhere_are_fine():
     """An escaped character in another field does not trip the repeated-key check."""
     body = b'{"type": "CartOpened", "eventId": "e", "name": "\\u017c\\u00f3\\u0142w"}'
     assert parse_event(body, tenant="t", received_at=1.0).event_type == "CartOpened"
+
+
+@pytest.mark.parametrize(
+    ("body", "is_example"),
+    [
+        (b'{"type":"CartOpened","eventId":"e1","tenantKey":"example"}', True),
+        (b'{"type":"CartOpened","eventId":"e1","tenantKey":"\\u0065xample"}', True),
+        (
+            b'{"type":"CartOpened","eventId":"e1","cartId":"x:00000000-0000-0000-0000-000000000000"}',
+            True,
+        ),
+        (b'{"type":"CartOpened","eventId":"e1","tenantKey":"klient","cartId":"x:1"}', False),
+    ],
+)
+def test_example_callbacks_are_told_apart_however_their_text_is_spelt(body, is_example):
+    """The byte pre-check never hides an example, escaped characters included."""
+    assert parse_event(body, tenant="t", received_at=0).is_example is is_example

@@ -787,3 +787,19 @@ def test_read_only_access_to_a_missing_spool_is_a_spool_error(tmp_path: Path) ->
     """Pointing the operator commands at the wrong directory says so."""
     with pytest.raises(SpoolError, match="no spool"):
         read_stats(tmp_path)
+
+
+async def test_probe_commits_without_changing_contents(spool: SqliteSpool) -> None:
+    """The writability probe is a real commit that leaves records and stats as they were."""
+    await spool.append("x", make_event("kept"))
+    commits_before = spool._writer.commits
+    await spool.probe()
+    assert spool._writer.commits == commits_before + 1
+    assert [r.event.event_id for r in await spool.head(10)] == ["kept"]
+    assert spool.stats().events == 1
+
+
+async def test_probe_of_a_closed_spool_is_a_spool_error(spool: SqliteSpool) -> None:
+    await spool.close()
+    with pytest.raises(SpoolError):
+        await spool.probe()
