@@ -115,7 +115,6 @@ def configure(
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     numeric_level = _LEVELS[level]
     shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _add_utc_timestamp,
     ]

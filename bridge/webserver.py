@@ -41,6 +41,30 @@ class _Guard:
         self.on_refused = on_refused
         self.connections = 0
         self.is_saturated = False
+        # One sweep over the open connections, not one timer per request, enforces the
+        # header timeout: arming it is then a store of a deadline.
+        self._watched: set[_GuardedRequestHandler] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_seconds = min(1.0, header_timeout_seconds / 4)
+
+    def watch(self, handler: _GuardedRequestHandler) -> None:
+        self._watched.add(handler)
+        if self._sweep is None:
+            self._schedule_sweep()
+
+    def unwatch(self, handler: _GuardedRequestHandler) -> None:
+        self._watched.discard(handler)
+
+    def _schedule_sweep(self) -> None:
+        self._sweep = asyncio.get_running_loop().call_later(self._sweep_seconds, self._run_sweep)
+
+    def _run_sweep(self) -> None:
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        for handler in list(self._watched):
+            handler.check_header_deadline(now)
+        if self._watched:  # idle servers keep no timer
+            self._schedule_sweep()
 
     def admit(self) -> bool:
         if self.connections >= self.max_connections:
@@ -59,7 +83,7 @@ class _Guard:
 class _GuardedRequestHandler(RequestHandler):
     _guard: _Guard
     _is_admitted = False
-    _header_timer: asyncio.TimerHandle | None = None
+    _header_deadline: float | None = None
     _requests_seen = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -69,21 +93,23 @@ class _GuardedRequestHandler(RequestHandler):
             transport.close()
             return
         self._is_admitted = True
-        self._arm_header_timer()
+        self._arm_header_deadline()
+        self._guard.watch(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and self._current_request is None:
-            self._arm_header_timer()  # the first bytes of the next request on this connection
+        if self._header_deadline is None and self._current_request is None:
+            self._arm_header_deadline()  # the first bytes of the next request on this connection
         super().data_received(data)
         if self._request_count != self._requests_seen:
             self._requests_seen = self._request_count
-            self._disarm_header_timer()
+            self._header_deadline = None
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm_header_timer()
+        self._header_deadline = None
         if self._is_admitted:
             self._is_admitted = False
             self._guard.connections -= 1
+            self._guard.unwatch(self)
         super().connection_lost(exc)
 
     def handle_error(
@@ -105,19 +131,14 @@ class _GuardedRequestHandler(RequestHandler):
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """Already logged, redacted, by handle_error."""
 
-    def _arm_header_timer(self) -> None:
+    def _arm_header_deadline(self) -> None:
         loop = asyncio.get_running_loop()
-        self._header_timer = loop.call_later(
-            self._guard.header_timeout_seconds, self._on_header_timeout
-        )
+        self._header_deadline = loop.time() + self._guard.header_timeout_seconds
 
-    def _disarm_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _on_header_timeout(self) -> None:
-        self._header_timer = None
+    def check_header_deadline(self, now: float) -> None:
+        if self._header_deadline is None or now < self._header_deadline:
+            return
+        self._header_deadline = None
         if self._current_request is None and self._request_count == self._requests_seen:
             log.warning("http.header_timeout", seconds=self._guard.header_timeout_seconds)
             self._guard.on_refused("header_timeout")
