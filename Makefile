@@ -5,7 +5,7 @@ PYTEST_ARGS ?=
 # The private RabbitMQ of `make run`; AMQP_PORT=0 picks any free port.
 AMQP_PORT ?= 5672
 
-.PHONY: venv broker-deps run test lint clean
+.PHONY: venv broker-deps run test lint clean bench
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,20 @@ test: venv broker-deps
 lint: venv
 	$(VENV)/bin/ruff check bridge tests
 	$(VENV)/bin/mypy --strict bridge
+
+# The end-to-end benchmark (tests/bench/run.py): a private RabbitMQ, the bridge and the aio-pika
+# baseline under wrk; appends to tests/bench/RESULTS.md. Installs Debian's wrk when missing
+# (root), else prints the command. Extra options: make bench BENCH_ARGS="--runs 1 --duration 5".
+bench: venv broker-deps
+	@command -v wrk >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing wrk with apt-get ..." >&2; \
+			apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; \
+		else \
+			echo "wrk is not installed; as root run: apt-get update && apt-get install -y wrk" >&2; \
+			exit 1; \
+		fi; }
+	$(VENV)/bin/python tests/bench/run.py --write-results $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .ruff_cache build *.egg-info
