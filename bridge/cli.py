@@ -1,4 +1,8 @@
-"""Command line: run, check-config, send, spool. Exit codes: 0 ok, 1 failure, 2 usage or config."""
+"""Command line of one-bridge.
+
+Exit codes: 0 success, 1 the operation failed, 2 usage or configuration error, 3 `sync --dry-run`
+with changes pending.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,12 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Answer with the usage of the command that was meant, not the top level's.
+        getattr(args, "command_parser", parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
@@ -90,7 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     send = commands.add_parser("send", help="post realistic ONe callbacks to a running bridge")
     sender.add_arguments(send)
     send.set_defaults(handler=_send)
+    _mark_command_parsers(parser)
     return parser
+
+
+def _mark_command_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give every command's parser a default `command_parser` naming itself, nested ones too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command_parser in action.choices.values():
+                command_parser.set_defaults(command_parser=command_parser)
+                _mark_command_parsers(command_parser)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +135,11 @@ def _load(args: argparse.Namespace) -> config.Config:
 def _run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     log.configure(
-        cfg.log.level, cfg.log.format, secrets=config.secret_values(cfg), cache_loggers=True
+        cfg.log.level,
+        cfg.log.format,
+        secrets=config.secret_values(cfg),
+        cache_loggers=True,
+        write_per_loop_turn=True,
     )
     from bridge.app import serve
 
@@ -181,7 +204,7 @@ def _spool_stats(args: argparse.Namespace) -> int:
         print(orjson.dumps(report).decode())
     else:
         for key, value in report.items():
-            print(f"{key:<20} {value}")
+            print(f"{key:<20} {'-' if value is None else value}")
     return EXIT_OK
 
 
@@ -256,6 +279,14 @@ def _sandbox(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve_sandbox(args.host, args.port))
+    except OSError as exc:  # the port is taken, or the address is not ours
+        print(
+            f"one-bridge sandbox: cannot listen on {args.host}:{args.port}"
+            f" ({os.strerror(exc.errno) if exc.errno else exc});"
+            " pick another with --port",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         pass
     return EXIT_OK

@@ -422,7 +422,7 @@ def effective(config: Config) -> dict[str, Any]:
     """The effective configuration as plain data, every secret masked (for check-config)."""
     return config.model_dump(mode="json") | {
         "broker": {
-            **config.broker.model_dump(mode="json", exclude={"url", "url_file"}),
+            **config.broker.model_dump(mode="json", exclude={"url"}),
             "url": redact_url(config.broker.url.get_secret_value()),
         }
     }

@@ -1017,7 +1017,7 @@ def _base_url(address: Sequence[object]) -> str:
 def _announcement(url: str, default_api_key: str | None) -> str:
     # Only the public dev key is ever shown; a configured key is a secret.
     if default_api_key == DEV_API_KEY:
-        key = f"ApiAuth {DEV_API_KEY} for any one-tenant"
+        key = "ApiAuth: the dev key of config/bridge.dev.toml, for any one-tenant"
     else:
         key = "ApiAuth as configured (not shown)"
     return f"ONe sandbox on {url} (API under {API_PREFIX}; {key})"

@@ -324,7 +324,8 @@ class OneClient:
                 self._backoff_max_seconds, self._backoff_base_seconds * 2 ** (attempt - 1)
             )
             delay = random.uniform(0, ceiling)
-        log.warning(
+        # Detail: the request's final failure is the warning worth reading.
+        log.debug(
             "platform.request_retrying",
             operation=operation,
             status=status,

@@ -458,7 +458,8 @@ async def test_create_is_retried_when_the_connection_was_never_made(
 
 
 async def test_retries_are_logged_once_each_and_the_failure_once(scripted):
-    """platform.request_retrying per retry with operation, status, attempt and delay."""
+    """platform.request_retrying (debug) per retry with operation, status, attempt and delay;
+    one platform.request_failed warning at the end."""
     h = await scripted(always(Reply(503, headers={"Retry-After": "1"})), max_attempts=3)
     with capture_logs() as logs, pytest.raises(PlatformError):
         await h.client.list_page()
@@ -467,7 +468,7 @@ async def test_retries_are_logged_once_each_and_the_failure_once(scripted):
         ("list", 503, 1, 1.0),
         ("list", 503, 2, 1.0),
     ]
-    assert all(e["log_level"] == "warning" for e in retrying)
+    assert all(e["log_level"] == "debug" for e in retrying)
     failed = [e for e in logs if e["event"] == "platform.request_failed"]
     assert len(failed) == 1
     assert (failed[0]["operation"], failed[0]["status"], failed[0]["attempts"]) == ("list", 503, 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,4 +121,24 @@ def test_busy_port_is_a_clear_failure(tmp_path):
         )
     assert result.returncode == 1
     assert f"127.0.0.1:{port}" in result.stderr and "BRIDGE_OPS__PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unknown_flag_is_answered_with_that_commands_usage():
+    """Exit 2, and the usage shown is the subcommand's, so the right flags are in sight."""
+    result = cli("spool", "stats", "--bogus")
+    assert result.returncode == 2
+    assert "usage: one-bridge spool stats" in result.stderr
+    assert "unrecognized arguments: --bogus" in result.stderr
+
+
+def test_sandbox_on_a_busy_port_is_a_clear_failure():
+    """Exit 1 with the address and the reason, not a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("sandbox", "--port", str(port))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

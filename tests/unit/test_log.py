@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 
@@ -93,3 +94,43 @@ def test_console_escapes_terminal_control_sequences():
         logging.getLogger().handlers.clear()
     assert "\x1b" not in buffer.getvalue()
     assert "\\x1b[2J" in buffer.getvalue()
+
+
+class CountingStream(io.StringIO):
+    """Counts the writes that reach it: one per line or one per loop turn."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_lines_of_one_loop_turn_go_out_in_one_write_in_order():
+    """With write_per_loop_turn, a turn's lines (structlog and stdlib alike) are one write,
+    made on the next turn, in the order they were logged."""
+    out = CountingStream()
+    log.configure("info", "json", out, write_per_loop_turn=True)
+    try:
+        structlog.get_logger("t").info("first")
+        logging.getLogger("aiohttp.server").warning("second")
+        structlog.get_logger("t").info("third")
+        assert out.getvalue() == ""
+        await asyncio.sleep(0)  # the writer's call_soon runs in the next turn
+        assert [line["event"] for line in lines(out)] == ["first", "second", "third"]
+        assert out.writes == 1
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+
+
+def test_lines_logged_without_a_running_loop_are_written_at_once():
+    """Outside the event loop (start-up, other threads) nothing waits for a turn."""
+    out = CountingStream()
+    log.configure("info", "json", out, write_per_loop_turn=True)
+    try:
+        structlog.get_logger("t").info("before the loop")
+        assert [line["event"] for line in lines(out)] == ["before the loop"]
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
