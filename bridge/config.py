@@ -106,7 +106,9 @@ class ReceiverConfig(_Section):
     body_timeout_seconds: PositiveFloat = 10.0
     # A connection must finish a request's headers this fast (slow-header attacks).
     header_timeout_seconds: PositiveFloat = 10.0
-    # Connections beyond this are closed at once, before file descriptors run out.
+    # An idle keep-alive connection is closed after this (the sender reconnects).
+    keepalive_timeout_seconds: PositiveFloat = 75.0
+    # Beyond this, a new connection takes the place of an idle keep-alive one, or is closed.
     max_connections: PositiveInt = 4096
     shutdown_timeout_seconds: PositiveFloat = 10.0
     tls_cert_file: Path | None = None

@@ -42,6 +42,11 @@ class TenantMismatch(RejectedEvent):
     reason = "tenant_mismatch"
 
 
+class ExpectationFailed(RejectedEvent):
+    status = 417
+    reason = "expectation_failed"
+
+
 class UnsupportedMediaType(RejectedEvent):
     status = 415
     reason = "unsupported_media_type"

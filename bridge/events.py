@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -13,6 +14,11 @@ from bridge.errors import InvalidBody
 
 # AMQP short strings (message_id, type, routing key) hold at most 255 bytes.
 MAX_SHORT_STRING_BYTES = 255
+# No callback nests deeper; and the stdlib parser of the repeated-key check recurses, so a
+# deeper body would take it to Python's recursion limit.
+MAX_NESTING_DEPTH = 256
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 
 UNROUTED_EXCHANGE = "one-bridge.unrouted"
 UNKNOWN_TYPE_LABEL = "unknown"
@@ -56,6 +62,10 @@ def parse_event(body: bytes, *, tenant: str, received_at: float) -> WebhookEvent
         raise InvalidBody(f"body is not valid JSON ({exc.msg})") from None
     if not isinstance(document, dict):
         raise InvalidBody("body is not a JSON object")
+    if body.count(b"[") + body.count(b"{") > MAX_NESTING_DEPTH and _nesting_depth(body) > (
+        MAX_NESTING_DEPTH
+    ):
+        raise InvalidBody(f"body nests deeper than {MAX_NESTING_DEPTH} levels")
     if _may_repeat_a_key(body):
         _refuse_repeated_keys(body)
     event_type = _short_string(document, "type")
@@ -90,6 +100,18 @@ def _may_repeat_a_key(body: bytes) -> bool:
     # orjson keeps the last of repeated keys, a consumer's parser may keep the first: the body
     # travels untouched, so both must agree. Cheap test first; escapes could spell a key too.
     return body.count(b'"type"') > 1 or body.count(b'"eventId"') > 1 or b"\\u" in body
+
+
+def _nesting_depth(body: bytes) -> int:
+    """How deep a valid JSON text nests: its brackets outside strings, counted in order."""
+    depth = deepest = 0
+    for bracket in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        if bracket in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 def _refuse_repeated_keys(body: bytes) -> None:

@@ -23,6 +23,10 @@ from bridge.redact import MASK, is_secret_key, redact_text
 _MIN_SECRET_CHARS = 4
 # Free-text fields that may carry library messages with credentials inside.
 _TEXT_FIELDS = ("exception", "error", "detail")
+# Free text from requests (the path's tenant, the body's type) is cut to this length: after
+# masking, so that a cut never splits a secret the mask would have caught.
+_CUT_FIELDS = ("tenant", "event_type")
+_CUT_CHARS = 64
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -64,6 +68,10 @@ class Redactor:
         if known is not None and known.search("\n".join([event_dict[k] for k in text_keys])):
             for key in text_keys:
                 event_dict[key] = known.sub(MASK, event_dict[key])
+        for key in _CUT_FIELDS:
+            value = event_dict.get(key)
+            if isinstance(value, str) and len(value) > _CUT_CHARS:
+                event_dict[key] = value[:_CUT_CHARS] + "..."
         return event_dict
 
 

@@ -46,7 +46,12 @@ def _rejection_reasons() -> tuple[str, ...]:
 
 
 # Refusals below the handlers (guarded runner): malformed HTTP and connection limits.
-HTTP_REFUSALS = ("malformed_request", "header_timeout", "too_many_connections")
+HTTP_REFUSALS = (
+    "malformed_request",
+    "header_timeout",
+    "too_many_connections",
+    "idle_connection_evicted",
+)
 REJECTION_REASONS = (*_rejection_reasons(), *HTTP_REFUSALS)
 
 

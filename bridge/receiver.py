@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 import structlog
@@ -21,6 +22,7 @@ from bridge.delivery import Delivery, Outcome
 from bridge.errors import (
     BodyTimeout,
     BodyTooLarge,
+    ExpectationFailed,
     IncompleteBody,
     InvalidBody,
     MethodNotAllowed,
@@ -50,8 +52,6 @@ RETRY_AFTER_SECONDS = "5"
 # Safe, but worth a look: unknown types, and events waiting on disk for the broker.
 _DEGRADED_OUTCOMES = frozenset({Outcome.UNROUTED, Outcome.SPOOLED})
 _WWW_AUTHENTICATE = 'Basic realm="one-bridge", charset="UTF-8"'
-# Free text from the request (path tenant, type) is cut to this length in logs.
-_LOGGED_TEXT_CHARS = 64
 
 log = structlog.get_logger("bridge.receiver")
 
@@ -70,11 +70,18 @@ def rejection_headers(exc: RejectedEvent) -> dict[str, str]:
     return {}
 
 
-def tenant_in_path(path: str) -> str | None:
-    """The {tenant} of /one/{tenant}/events, or None for any other path."""
+def tenant_in_path(target: str) -> str | None:
+    """The {tenant} of /one/{tenant}/events (query ignored), or None for any other target.
+
+    Matched on the target as sent: a percent-encoded slash (%2F) is part of a segment, not a
+    separator, so /one/klient%2Fevents is no callback URL. The tenant itself is decoded.
+    """
+    path = target.partition("?")[0]
     if not (path.startswith(PATH_PREFIX) and path.endswith(PATH_SUFFIX)):
         return None
     tenant = path[len(PATH_PREFIX) : -len(PATH_SUFFIX)]
+    if "%" in tenant:
+        tenant = unquote(tenant, errors="strict")
     return tenant if tenant and "/" not in tenant else None
 
 
@@ -101,10 +108,15 @@ class Receiver:
         metrics.webhook_in_flight.set_function(lambda: self.in_flight)
 
     def server(self, **kwargs: Any) -> web.Server:
-        return web.Server(self.handle, **kwargs)
+        return web.Server(
+            self.handle, keepalive_timeout=self.settings.keepalive_timeout_seconds, **kwargs
+        )
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        tenant_key = tenant_in_path(request.path)
+        try:
+            tenant_key = tenant_in_path(request.raw_path)
+        except UnicodeDecodeError:
+            tenant_key = None
         if tenant_key is None:
             return self._reject(NotFound("no such path"), request, "", None, None, 0, _now())
         if request.method != "POST":
@@ -112,7 +124,7 @@ class Receiver:
             response = self._reject(exc, request, "", None, None, 0, _now())
             response.headers["Allow"] = "POST"
             return response
-        if "Expect" in request.headers:
+        if "Expect" in request.headers and request.version == HttpVersion11:
             refusal = await self._check_before_continue(request, tenant_key)
             if refusal is not None:
                 return refusal
@@ -135,8 +147,9 @@ class Receiver:
             body_bytes = len(body)
             event = parse_event(body, tenant=tenant_key, received_at=time.time())
             event_type, event_id = event.event_type, event.event_id
-            header_tenant = request.headers.get("one-tenant")
-            if header_tenant is not None and header_tenant != tenant_key:
+            if "one-tenant" in request.headers and any(
+                value != tenant_key for value in request.headers.getall("one-tenant")
+            ):
                 raise TenantMismatch("one-tenant header differs from the tenant in the path")
             outcome = await self.delivery.accept(event)
         except RejectedEvent as exc:
@@ -145,7 +158,7 @@ class Receiver:
             # A bug of ours, not bad input: answer retryably and keep the daemon alive.
             log.exception(
                 "webhook.failed",
-                tenant=tenant_key[:_LOGGED_TEXT_CHARS],
+                tenant=tenant_key,
                 event_type=event_type,
                 event_id=event_id,
             )
@@ -163,7 +176,7 @@ class Receiver:
         )
         fields = dict(
             tenant=tenant_key,
-            event_type=event.event_type[:_LOGGED_TEXT_CHARS],
+            event_type=event.event_type,
             event_id=event.event_id,
             outcome=outcome.value,
             status=200,
@@ -186,15 +199,14 @@ class Receiver:
     async def _check_before_continue(
         self, request: web.BaseRequest, tenant_key: str
     ) -> web.StreamResponse | None:
-        """Expect: 100-continue: say "continue" only to a request we would read."""
-        if request.version != HttpVersion11:
-            return None
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            raise web.HTTPExpectationFailed(text="unknown Expect")
+        """Expect: 100-continue: say "continue" only to a request we would read. (HTTP/1.0
+        senders' Expect is ignored, as RFC 9110 asks.)"""
         started = _now()
         try:
             self._authenticate(request, tenant_key)
             _check_headers(request, self.settings)
+            if request.headers.get("Expect", "").lower() != "100-continue":
+                raise ExpectationFailed("only Expect: 100-continue is understood")
         except RejectedEvent as exc:
             return self._reject(exc, request, tenant_key, None, None, 0, started)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -235,7 +247,7 @@ class Receiver:
         metrics.webhook_rejections.labels(exc.reason).inc()
         metrics.webhook_duration.labels(outcome).observe(seconds)
         fields = dict(
-            tenant=tenant_key[:_LOGGED_TEXT_CHARS],
+            tenant=tenant_key,
             reason=exc.reason,
             status=exc.status,
             detail=exc.detail,
@@ -244,7 +256,7 @@ class Receiver:
             peer=request.remote,
         )
         if event_type is not None:
-            fields.update(event_type=event_type[:_LOGGED_TEXT_CHARS], event_id=event_id)
+            fields.update(event_type=event_type, event_id=event_id)
         if outcome == "failed":
             log.error("webhook.failed", **fields)
         else:

@@ -539,6 +539,79 @@ async def test_expect_continue_is_answered_only_after_the_checks(
     assert first.startswith(status_line)
 
 
+@pytest.mark.parametrize(
+    ("path", "expect", "status_line"),
+    [
+        (b"/one/klient/events", b"foo", b"HTTP/1.1 417"),
+        (b"/one/klient/events", b"100-continue, foo", b"HTTP/1.1 417"),
+        (b"/one/nobody/events", b"foo", b"HTTP/1.1 404"),
+    ],
+)
+async def test_an_unknown_expectation_is_a_417_after_the_other_checks(
+    aiohttp_raw_server, make_receiver, metrics, path, expect, status_line
+):
+    """Expect other than 100-continue: 417 with the JSON error, counted, in the table's order
+    (an unknown tenant is still a 404)."""
+    server = await aiohttp_raw_server(make_receiver().handle)
+    first = await raw_request(
+        server.port,
+        b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: " + basic().encode() + b"\r\nExpect: " + expect + b"\r\n"
+        b"Content-Length: 267\r\n\r\n",
+    )
+    assert first.startswith(status_line)
+    if status_line.endswith(b"417"):
+        sample = metrics.registry.get_sample_value
+        assert sample("onebridge_webhook_rejections_total", {"reason": "expectation_failed"}) == 1
+
+
+@pytest.mark.parametrize(
+    "path", ["/one/klient%2Fevents", "/one/klient/events%2F", "/one/kl%ff/events"]
+)
+async def test_an_encoded_slash_is_no_separator(client, sink, path):
+    """%2F belongs to its segment (RFC 3986): such a target is no callback URL, 404."""
+    response = await client.post(path, data=EXAMPLE_BODY, headers=GOOD_HEADERS)
+    assert response.status == 404
+    assert sink.published == []
+
+
+async def test_an_encoded_tenant_and_a_query_string_still_match(client, sink):
+    """/one/kl%69ent/events?x=1 is klient's callback URL."""
+    response = await client.post(
+        "/one/kl%69ent/events?x=1", data=EXAMPLE_BODY, headers=GOOD_HEADERS
+    )
+    assert response.status == 200
+    assert len(sink.published) == 1
+
+
+async def test_any_differing_one_tenant_header_is_a_mismatch(aiohttp_raw_server, make_receiver):
+    """Two one-tenant headers, the second wrong: 400, whatever their order."""
+    server = await aiohttp_raw_server(make_receiver().handle)
+    first = await raw_request(
+        server.port,
+        b"POST /one/klient/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: " + basic().encode() + b"\r\none-tenant: klient\r\n"
+        b"one-tenant: other\r\nContent-Length: %d\r\n\r\n" % len(EXAMPLE_BODY) + EXAMPLE_BODY,
+    )
+    assert first.startswith(b"HTTP/1.1 400")
+
+
+async def test_an_idle_keepalive_connection_is_closed_after_its_timeout(make_receiver):
+    """After an answer, a connection that sends nothing more is closed by the server."""
+    runner = GuardedServerRunner(
+        make_receiver(receiver={"keepalive_timeout_seconds": 0.2}).server()
+    )
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readline()).startswith(b"HTTP/1.1 404")
+    rest = await asyncio.wait_for(reader.read(), 5)  # EOF: the server closed it
+    assert b"404" not in rest and reader.at_eof()
+    writer.close()
+    await runner.cleanup()
+
+
 async def test_sender_hanging_up_mid_body_is_a_rejection_not_a_failure(make_receiver, metrics):
     """A half-sent body is the sender's doing: counted as incomplete_body, never 'failed'."""
     # The production runner: the test server would cancel the handler when the client leaves.

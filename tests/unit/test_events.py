@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bridge.errors import InvalidBody
-from bridge.events import RoutingTable, documented_exchanges, parse_event
+from bridge.events import MAX_NESTING_DEPTH, RoutingTable, documented_exchanges, parse_event
 
 CASES = Path(__file__).parent.parent / "cases"
 
@@ -96,6 +96,28 @@ def test_repeated_keys_inside_nested_objects_are_fine():
     """Only the top level decides type and eventId."""
     body = b'{"type": "CartOpened", "eventId": "e", "a": {"type": 1}, "b": {"type": 2}}'
     assert parse_event(body, tenant="t", received_at=1.0).event_id == "e"
+
+
+def nested(depth: int, extra: bytes = b"") -> bytes:
+    """A callback whose field y nests `depth` levels of arrays (the body itself is one more)."""
+    inner = b"[" * depth + b"]" * depth
+    return b'{"type": "CartOpened", "eventId": "e", ' + extra + b'"y": ' + inner + b"}"
+
+
+@pytest.mark.parametrize("extra", [b"", b'"x": "\\u0041", ', b'"s": "[[[{{{", '])
+def test_nesting_up_to_the_limit_is_accepted(extra):
+    """256 levels, counted outside strings, with or without the repeated-key check's parser."""
+    body = nested(MAX_NESTING_DEPTH - 1, extra)
+    assert parse_event(body, tenant="t", received_at=1.0).event_id == "e"
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING_DEPTH, 990, 5000])
+@pytest.mark.parametrize("extra", [b"", b'"x": "\\u0041", '])
+def test_deeper_nesting_is_invalid_input_never_a_crash(depth, extra):
+    """Past the limit: InvalidBody (400), before any parser could recurse that deep (orjson
+    refuses past 1024 levels by itself)."""
+    with pytest.raises(InvalidBody, match="nests deeper|not valid JSON"):
+        parse_event(nested(depth, extra), tenant="t", received_at=1.0)
 
 
 def test_unicode_escapes_elsewhere_are_fine():

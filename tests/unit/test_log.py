@@ -134,3 +134,16 @@ def test_lines_logged_without_a_running_loop_are_written_at_once():
     finally:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
+
+
+def test_long_request_text_is_cut_after_masking_so_no_secret_is_split(stream):
+    """A tenant or type from a request is cut to 64 characters, but only once secrets are
+    masked: a secret straddling the cut leaves no part of itself behind."""
+    padding = "x" * (64 - len(SECRET) // 2)
+    structlog.get_logger("t").warning(
+        "webhook.rejected", tenant=padding + SECRET, event_type="T" * 100
+    )
+    [line] = lines(stream)
+    assert SECRET[: len(SECRET) // 2] not in str(line["tenant"])
+    assert str(line["tenant"]).startswith(padding + "***")
+    assert line["event_type"] == "T" * 64 + "..."
