@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import sys
 import time
@@ -279,7 +280,9 @@ def _sandbox(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve_sandbox(args.host, args.port))
-    except OSError as exc:  # the port is taken, or the address is not ours
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
         print(
             f"one-bridge sandbox: cannot listen on {args.host}:{args.port}"
             f" ({os.strerror(exc.errno) if exc.errno else exc});"

@@ -108,7 +108,7 @@ class ReceiverConfig(_Section):
     header_timeout_seconds: PositiveFloat = 10.0
     # An idle keep-alive connection is closed after this (the sender reconnects).
     keepalive_timeout_seconds: PositiveFloat = 75.0
-    # Beyond this, a new connection takes the place of an idle keep-alive one, or is closed.
+    # Connections beyond this are closed at once, before file descriptors run out.
     max_connections: PositiveInt = 4096
     shutdown_timeout_seconds: PositiveFloat = 10.0
     tls_cert_file: Path | None = None

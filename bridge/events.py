@@ -17,7 +17,7 @@ MAX_SHORT_STRING_BYTES = 255
 # No callback nests deeper; and the stdlib parser of the repeated-key check recurses, so a
 # deeper body would take it to Python's recursion limit.
 MAX_NESTING_DEPTH = 256
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 
 UNROUTED_EXCHANGE = "one-bridge.unrouted"
@@ -62,8 +62,8 @@ def parse_event(body: bytes, *, tenant: str, received_at: float) -> WebhookEvent
         raise InvalidBody(f"body is not valid JSON ({exc.msg})") from None
     if not isinstance(document, dict):
         raise InvalidBody("body is not a JSON object")
-    if body.count(b"[") + body.count(b"{") > MAX_NESTING_DEPTH and _nesting_depth(body) > (
-        MAX_NESTING_DEPTH
+    if body.count(b"[") + body.count(b"{") > MAX_NESTING_DEPTH and _nests_deeper_than(
+        body, MAX_NESTING_DEPTH
     ):
         raise InvalidBody(f"body nests deeper than {MAX_NESTING_DEPTH} levels")
     if _may_repeat_a_key(body):
@@ -102,16 +102,17 @@ def _may_repeat_a_key(body: bytes) -> bool:
     return body.count(b'"type"') > 1 or body.count(b'"eventId"') > 1 or b"\\u" in body
 
 
-def _nesting_depth(body: bytes) -> int:
-    """How deep a valid JSON text nests: its brackets outside strings, counted in order."""
-    depth = deepest = 0
+def _nests_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether a valid JSON text nests past `limit`: its brackets outside strings, in order."""
+    depth = 0
     for bracket in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
         if bracket in b"[{":
             depth += 1
-            deepest = max(deepest, depth)
+            if depth > limit:
+                return True
         else:
             depth -= 1
-    return deepest
+    return False
 
 
 def _refuse_repeated_keys(body: bytes) -> None:

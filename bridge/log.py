@@ -160,8 +160,13 @@ class LineWriter:
 
     def _write(self, text: str) -> None:
         with self._lock:
-            self._stream.write(text + "\n")
-            self._stream.flush()
+            try:
+                self._stream.write(text + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                # A closed or broken stream (stderr gone): drop the lines, as logging's own
+                # handlers do; an error logged about it would only come back here.
+                pass
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -46,12 +46,7 @@ def _rejection_reasons() -> tuple[str, ...]:
 
 
 # Refusals below the handlers (guarded runner): malformed HTTP and connection limits.
-HTTP_REFUSALS = (
-    "malformed_request",
-    "header_timeout",
-    "too_many_connections",
-    "idle_connection_evicted",
-)
+HTTP_REFUSALS = ("malformed_request", "header_timeout", "too_many_connections")
 REJECTION_REASONS = (*_rejection_reasons(), *HTTP_REFUSALS)
 
 

@@ -77,11 +77,18 @@ def tenant_in_path(target: str) -> str | None:
     separator, so /one/klient%2Fevents is no callback URL. The tenant itself is decoded.
     """
     path = target.partition("?")[0]
+    if not path.startswith("/"):
+        # Absolute form (RFC 9112 3.2.2), http://host/one/...: the path follows the authority.
+        scheme, separator, rest = path.partition("://")
+        path = "/" + rest.partition("/")[2] if separator and "/" not in scheme else ""
     if not (path.startswith(PATH_PREFIX) and path.endswith(PATH_SUFFIX)):
         return None
     tenant = path[len(PATH_PREFIX) : -len(PATH_SUFFIX)]
     if "%" in tenant:
-        tenant = unquote(tenant, errors="strict")
+        try:
+            tenant = unquote(tenant, errors="strict")
+        except UnicodeDecodeError:
+            return None
     return tenant if tenant and "/" not in tenant else None
 
 
@@ -113,10 +120,7 @@ class Receiver:
         )
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            tenant_key = tenant_in_path(request.raw_path)
-        except UnicodeDecodeError:
-            tenant_key = None
+        tenant_key = tenant_in_path(request.raw_path)
         if tenant_key is None:
             return self._reject(NotFound("no such path"), request, "", None, None, 0, _now())
         if request.method != "POST":
@@ -147,9 +151,7 @@ class Receiver:
             body_bytes = len(body)
             event = parse_event(body, tenant=tenant_key, received_at=time.time())
             event_type, event_id = event.event_type, event.event_id
-            if "one-tenant" in request.headers and any(
-                value != tenant_key for value in request.headers.getall("one-tenant")
-            ):
+            if any(value != tenant_key for value in request.headers.getall("one-tenant", ())):
                 raise TenantMismatch("one-tenant header differs from the tenant in the path")
             outcome = await self.delivery.accept(event)
         except RejectedEvent as exc:
@@ -205,7 +207,7 @@ class Receiver:
         try:
             self._authenticate(request, tenant_key)
             _check_headers(request, self.settings)
-            if request.headers.get("Expect", "").lower() != "100-continue":
+            if any(value.lower() != "100-continue" for value in request.headers.getall("Expect")):
                 raise ExpectationFailed("only Expect: 100-continue is understood")
         except RejectedEvent as exc:
             return self._reject(exc, request, tenant_key, None, None, 0, started)

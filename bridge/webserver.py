@@ -4,9 +4,8 @@
   quotes the offending line, which may be an Authorization header. Ours is the status phrase.
 - One warning line per malformed request, naming the error class only, instead of a traceback.
 - A connection must finish a request's headers within `header_timeout_seconds` (slowloris).
-- At most `max_connections` at once. At the cap, a new connection takes the place of an idle
-  keep-alive one (which its client can reopen), so idle connections cannot lock senders out;
-  with none idle it is closed at once, so a flood cannot exhaust file descriptors.
+- At most `max_connections` at once; beyond, new connections are closed at once, so a flood
+  cannot exhaust file descriptors.
 
 aiohttp builds its protocol handler itself; the server's class is the only seam to put ours in,
 and the handler's request counter and current request are read to tell a stalled header.
@@ -68,7 +67,7 @@ class _Guard:
             self._schedule_sweep()
 
     def admit(self) -> bool:
-        if self.connections >= self.max_connections and not self._evict_an_idle_connection():
+        if self.connections >= self.max_connections:
             if not self.is_saturated:
                 self.is_saturated = True
                 log.warning("http.connections_saturated", max_connections=self.max_connections)
@@ -80,26 +79,10 @@ class _Guard:
         self.connections += 1
         return True
 
-    def _evict_an_idle_connection(self) -> bool:
-        # A scan, but only at the cap: the steady state pays nothing for it.
-        for handler in self._watched:
-            if handler.is_idle:
-                self.release(handler)
-                handler.close_idle()
-                self.on_refused("idle_connection_evicted")
-                return True
-        return False
-
-    def release(self, handler: _GuardedRequestHandler) -> None:
-        if handler.is_admitted:
-            handler.is_admitted = False
-            self.connections -= 1
-            self.unwatch(handler)
-
 
 class _GuardedRequestHandler(RequestHandler):
     _guard: _Guard
-    is_admitted = False
+    _is_admitted = False
     _header_deadline: float | None = None
     _requests_seen = 0
 
@@ -109,7 +92,7 @@ class _GuardedRequestHandler(RequestHandler):
         if not self._guard.admit():
             transport.close()
             return
-        self.is_admitted = True
+        self._is_admitted = True
         self._arm_header_deadline()
         self._guard.watch(self)
 
@@ -123,7 +106,10 @@ class _GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._header_deadline = None
-        self._guard.release(self)
+        if self._is_admitted:
+            self._is_admitted = False
+            self._guard.connections -= 1
+            self._guard.unwatch(self)
         super().connection_lost(exc)
 
     def handle_error(
@@ -144,20 +130,6 @@ class _GuardedRequestHandler(RequestHandler):
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """Already logged, redacted, by handle_error."""
-
-    @property
-    def is_idle(self) -> bool:
-        """Between two requests of a kept-alive connection: answered, nothing of the next yet."""
-        return (
-            self._request_count > 0
-            and self._current_request is None
-            and self._header_deadline is None
-        )
-
-    def close_idle(self) -> None:
-        # Counted, not logged: under a flood this happens for every new connection.
-        if self.transport is not None:
-            self.transport.close()
 
     def _arm_header_deadline(self) -> None:
         loop = asyncio.get_running_loop()

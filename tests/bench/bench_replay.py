@@ -5,9 +5,10 @@
 Starts a private RabbitMQ and the bridge (`python -m bridge run`, production defaults), stops
 the RabbitMQ application, posts --count callbacks (bridge.sender, all answered `200 spooled`),
 starts RabbitMQ again and watches /metrics until the spool is empty. Reports the spooling rate
-over HTTP, the replay rate (events confirmed by RabbitMQ per second, from the first replayed
-record to an empty spool), and lost = accepted - messages in the bound queue (must be 0).
-bench_spool.py measures the spool alone, without HTTP or broker. Not a pytest module.
+over HTTP, the replay rate (records confirmed by RabbitMQ and deleted per second, between the
+first poll that sees a replayed record and the one that sees an empty spool), and
+lost = accepted - messages in the bound queue (must be 0). bench_spool.py measures the spool
+alone, without HTTP or broker. Not a pytest module.
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ async def measure(
                 return await metric(session, ops, "onebridge_spool_events") == 0
 
             first_replayed = await wait_for(replaying, "the first replayed record")
+            replayed_before = await metric(session, ops, "onebridge_spool_replayed_total")
             emptied = await wait_for(empty, "an empty spool")
+            replayed_after = await metric(session, ops, "onebridge_spool_replayed_total")
     finally:
         bridge.send_signal(signal.SIGTERM)
         await stop(bridge)
@@ -148,7 +151,10 @@ async def measure(
         "spooling_per_second": round(sent.rate_per_second),
         "spooling_p99_ms": round(sent.p99_ms or 0, 1),
         "spooled": int(spooled),
-        "replay_per_second": round(spooled / max(emptied - first_replayed, 1e-9)),
+        # Records replayed between two observations, over the time between them.
+        "replay_per_second": round(
+            (replayed_after - replayed_before) / max(emptied - first_replayed, 1e-9)
+        ),
         "queued": queued,
         "lost": sent.accepted - queued,
     }

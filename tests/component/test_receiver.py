@@ -544,6 +544,7 @@ async def test_expect_continue_is_answered_only_after_the_checks(
     [
         (b"/one/klient/events", b"foo", b"HTTP/1.1 417"),
         (b"/one/klient/events", b"100-continue, foo", b"HTTP/1.1 417"),
+        (b"/one/klient/events", b"100-continue\r\nExpect: foo", b"HTTP/1.1 417"),
         (b"/one/nobody/events", b"foo", b"HTTP/1.1 404"),
     ],
 )
@@ -602,14 +603,16 @@ async def test_an_idle_keepalive_connection_is_closed_after_its_timeout(make_rec
         make_receiver(receiver={"keepalive_timeout_seconds": 0.2}).server()
     )
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert (await reader.readline()).startswith(b"HTTP/1.1 404")
-    rest = await asyncio.wait_for(reader.read(), 5)  # EOF: the server closed it
-    assert b"404" not in rest and reader.at_eof()
-    writer.close()
-    await runner.cleanup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 404")
+        rest = await asyncio.wait_for(reader.read(), 5)  # EOF: the server closed it
+        assert b"404" not in rest and reader.at_eof()
+        writer.close()
+    finally:
+        await runner.cleanup()
 
 
 async def test_sender_hanging_up_mid_body_is_a_rejection_not_a_failure(make_receiver, metrics):

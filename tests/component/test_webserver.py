@@ -99,29 +99,3 @@ async def test_keepalive_requests_each_get_the_full_header_budget(server):
         await reader.readexactly(2)
     writer.close()
     assert refused == []
-
-
-async def answered_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A kept-alive connection that has had one request answered and now sends nothing."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
-    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
-    while (await reader.readline()) != b"\r\n":
-        pass
-    assert await reader.readexactly(2) == b"ok"
-    return reader, writer
-
-
-async def test_at_the_cap_a_new_connection_replaces_an_idle_one(server):
-    """Idle keep-alive connections cannot lock senders out: one is closed for the newcomer."""
-    port, refused = server
-    idle = [await answered_connection(port) for _ in range(2)]
-    reader, writer = await answered_connection(port)  # a third, served
-    reads = [asyncio.ensure_future(r.read()) for r, _ in idle]
-    done, pending = await asyncio.wait(reads, timeout=5, return_when=asyncio.FIRST_COMPLETED)
-    assert [read.result() for read in done] == [b""]  # one closed by the server, at EOF
-    for read in pending:
-        read.cancel()
-    assert refused == ["idle_connection_evicted"]
-    for _, idle_writer in [*idle, (reader, writer)]:
-        idle_writer.close()

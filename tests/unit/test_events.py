@@ -116,7 +116,7 @@ def test_nesting_up_to_the_limit_is_accepted(extra):
 def test_deeper_nesting_is_invalid_input_never_a_crash(depth, extra):
     """Past the limit: InvalidBody (400), before any parser could recurse that deep (orjson
     refuses past 1024 levels by itself)."""
-    with pytest.raises(InvalidBody, match="nests deeper|not valid JSON"):
+    with pytest.raises(InvalidBody, match=r"nests deeper|not valid JSON"):
         parse_event(nested(depth, extra), tenant="t", received_at=1.0)
 
 

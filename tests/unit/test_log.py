@@ -116,7 +116,10 @@ async def test_lines_of_one_loop_turn_go_out_in_one_write_in_order():
         logging.getLogger("aiohttp.server").warning("second")
         structlog.get_logger("t").info("third")
         assert out.getvalue() == ""
-        await asyncio.sleep(0)  # the writer's call_soon runs in the next turn
+        # The writer flushes with call_soon; a callback scheduled after it runs after it.
+        next_turn = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(next_turn.set_result, None)
+        await next_turn
         assert [line["event"] for line in lines(out)] == ["first", "second", "third"]
         assert out.writes == 1
     finally:

@@ -19,7 +19,16 @@ from bridge.receiver import tenant_in_path
         ("/two/klient/events", None),
         ("/one/events", None),
         ("/", None),
+        ("/one/klient/events?x=1", "klient"),
+        ("/one/kl%69ent/events", "klient"),
+        ("/one/klient%2Fevents", None),
+        ("/one/a%2Fb/events", None),
+        ("/one/kl%ff/events", None),
+        ("http://bridge.example:8080/one/klient/events", "klient"),
+        ("http://bridge.example", None),
+        ("http:/one/klient/events", None),
     ],
 )
 def test_tenant_in_path(path: str, tenant: str | None) -> None:
+    """The tenant of a callback target as sent (origin or absolute form), or None."""
     assert tenant_in_path(path) == tenant
