@@ -141,7 +141,12 @@ class Bridge:
             max_in_flight=config.broker.max_in_flight,
             on_spooled=self._on_spooled,
         )
-        self.metrics.watch_spool(self.spool.stats, lambda: delivery.is_spool_writable)
+        self.metrics.watch_spool(
+            self.spool.stats,
+            lambda: delivery.is_spool_writable,
+            max_events=config.spool.max_events,
+            max_bytes=config.spool.max_bytes,
+        )
         self.metrics.broker_blocked.set_function(lambda: 1.0 if self.publisher.is_blocked else 0.0)
         self.metrics.ready.set_function(lambda: 1.0 if self.is_ready() else 0.0)
 

@@ -152,6 +152,16 @@ class Metrics:
             "Records set aside because the broker refused them for good.",
             registry=registry,
         )
+        self.spool_max_events = Gauge(
+            "onebridge_spool_max_events",
+            "The spool's bound in events (spool.max_events): at it, callbacks get 503.",
+            registry=registry,
+        )
+        self.spool_max_bytes = Gauge(
+            "onebridge_spool_max_bytes",
+            "The spool's bound in body bytes (spool.max_bytes): at it, callbacks get 503.",
+            registry=registry,
+        )
         self.spool_writable = Gauge(
             "onebridge_spool_writable",
             "1 while the spool takes appends (0 after a write failed).",
@@ -253,8 +263,17 @@ class Metrics:
             for status_class in PLATFORM_STATUS_CLASSES:
                 self.platform_requests.labels(operation, status_class)
 
-    def watch_spool(self, stats: Callable[[], SpoolStats], is_writable: Callable[[], bool]) -> None:
+    def watch_spool(
+        self,
+        stats: Callable[[], SpoolStats],
+        is_writable: Callable[[], bool],
+        *,
+        max_events: int,
+        max_bytes: int,
+    ) -> None:
         """Spool gauges read the spool's in-memory stats at scrape time: nothing per event."""
+        self.spool_max_events.set(max_events)
+        self.spool_max_bytes.set(max_bytes)
         self.spool_events.set_function(lambda: stats().events)
         self.spool_bytes.set_function(lambda: stats().body_bytes)
         self.spool_oldest.set_function(lambda: stats().oldest_received_at or 0.0)

@@ -69,6 +69,9 @@ async def test_metrics_endpoint_exposes_the_whole_catalogue(bridge):
     assert series[("onebridge_broker_connected", frozenset())] == 1
     assert series[("onebridge_spool_writable", frozenset())] == 1
     assert series[("onebridge_broker_blocked", frozenset())] == 0
+    # The spool's bounds as configured, so "how full" is a query (OneBridgeSpoolNearlyFull).
+    assert series[("onebridge_spool_max_events", frozenset())] == bridge.config.spool.max_events
+    assert series[("onebridge_spool_max_bytes", frozenset())] == bridge.config.spool.max_bytes
 
 
 async def test_series_count_is_constant_under_a_flood_of_random_input(bridge):
