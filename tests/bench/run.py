@@ -20,7 +20,9 @@ connected), warmed up with wrk, then measured with wrk and tests/bench/callbacks
 callbacks of the three types, unique eventIds), while /proc gives the subject's CPU time
 (utime + stime, all threads) and peak VmRSS (sampled every 100 ms). The subject is stopped with
 SIGTERM (so every confirm is in), and the queue is audited: every message is read back and its
-message_id counted.
+message_id counted. A consumer in this process reads the queue during the run, as production
+consumers do (--no-consumer: the queue fills and is read afterwards; RabbitMQ then pages the
+growing queue, and its pauses set the latency tail).
 
   lost  = 2xx answers (warm-up + measured) - distinct eventIds queued   (must be 0)
   dup   = messages queued - distinct eventIds queued                    (must be 0)
@@ -149,6 +151,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=60.0,
         help="before each measurement, wait up to this many seconds for the machine to be"
         f" quiet (under {DISTURBED_FRACTION * 100:.0f}%% busy); 0: do not wait (default 60)",
+    )
+    parser.add_argument(
+        "--no-consumer",
+        action="store_true",
+        help="let the bench queue fill during the run and read it afterwards (by default a"
+        " consumer reads it during the run, as in production)",
     )
     parser.add_argument("--keep-dir", action="store_true", help="keep the temp dir (logs)")
     args = parser.parse_args(argv)
@@ -448,6 +456,41 @@ class Audit:
     unrouted: int
 
 
+class QueueConsumer:
+    """Reads the bench queue while the subject runs, as the backend teams' consumers do: a queue
+    that only grows makes RabbitMQ page messages to disk, and its pauses would dominate the
+    latency tail of whichever subject publishes fastest. `finish()` reads the rest."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractConnection, tenant: str) -> None:
+        self._connection = connection
+        self._name = bench_queue(tenant)
+        self.messages = 0
+        self.ids: set[str | None] = set()
+
+    async def start(self) -> None:
+        self._channel = await self._connection.channel()
+        await self._channel.set_qos(prefetch_count=2000)
+        queue = await self._channel.declare_queue(self._name, passive=True)
+        await queue.consume(self._received, no_ack=True)
+
+    async def _received(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.messages += 1
+        self.ids.add(message.message_id)
+
+    async def finish(self, unrouted_before: int) -> Audit:
+        """Once the subject has stopped: read until the queue is empty and nothing more comes."""
+        async with asyncio.timeout(120):
+            while True:
+                seen = self.messages
+                await asyncio.sleep(0.2)  # a poll of the queue, not a synchronisation
+                if self.messages == seen and await message_count(self._channel, self._name) == 0:
+                    break
+        unrouted = await message_count(self._channel, UNROUTED_EXCHANGE) - unrouted_before
+        await self._channel.queue_delete(self._name)
+        await self._channel.close()
+        return Audit(queued=self.messages, distinct=len(self.ids), unrouted=unrouted)
+
+
 async def audit_queue(
     connection: aio_pika.abc.AbstractConnection, tenant: str, unrouted_before: int
 ) -> Audit:
@@ -691,6 +734,9 @@ class Harness:
         cwd = ROOT if subject.publisher is None else self.code_dir
         process = await spawn(command, env=env, cwd=cwd, log_path=log_path)
         outcomes: dict[str, float] = {}
+        consumer = None if self.args.no_consumer else QueueConsumer(connection, tenant)
+        if consumer is not None:
+            await consumer.start()
         try:
             async with aiohttp.ClientSession() as session:
                 try:
@@ -742,7 +788,10 @@ class Harness:
             exit_code = await stop(process)
         if exit_code != 0:
             log(f"{subject.name} exited with {exit_code} after SIGTERM; log:\n{tail(log_path)}")
-        audit = await audit_queue(connection, tenant, unrouted_before)
+        if consumer is not None:
+            audit = await consumer.finish(unrouted_before)
+        else:
+            audit = await audit_queue(connection, tenant, unrouted_before)
         busy = (host_after[0] - host_before[0]) / max(host_after[1] - host_before[1], 1)
         # Whatever else ran meanwhile (another test suite, a build) skews every number here.
         ours = (
@@ -1054,7 +1103,12 @@ def report(
         f" {args.warmup} s warm-up, per subject and run; callbacks of the three types in turn,"
         f" {statistics.mean(bodies) if bodies else 0:.0f}-byte bodies on average, unique"
         " eventIds, persistent messages, publisher confirms, one classic durable queue bound"
-        " to the three exchanges",
+        " to the three exchanges, "
+        + (
+            "read after the run (--no-consumer)"
+            if args.no_consumer
+            else "read by a consumer during the run"
+        ),
         f"- bridge: event loop {bridge_event_loop(args)[1]}; log level"
         f" `{args.bridge_log_level}` (JSON lines to a file); spool, duplicate window and metrics"
         " on (production defaults)",
