@@ -54,11 +54,16 @@ class LocalBroker:
         *,
         start_timeout_seconds: float = 90.0,
         stop_timeout_seconds: float = 30.0,
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
     ) -> None:
         self.host = HOST
         self.port = port
         self.dist_port = 0
         self.epmd_port = 0
+        # An amqps listener beside the plain one, when given a certificate and its key.
+        self.tls_port = 0
+        self._tls_files = (tls_cert_file, tls_key_file) if tls_cert_file and tls_key_file else None
         # Unique per process and call, so nodes of parallel runs never share a name or a data dir.
         short_name = f"onebridge-{os.getpid()}-{secrets.token_hex(3)}"
         self.node_name = f"{short_name}@localhost"
@@ -75,6 +80,11 @@ class LocalBroker:
     def url(self) -> str:
         """AMQP URL; `guest` may log in because the node is only reached over loopback."""
         return f"amqp://guest:guest@{self.host}:{self.port}/"
+
+    @property
+    def tls_url(self) -> str:
+        """amqps URL of the TLS listener (only with tls_cert_file and tls_key_file)."""
+        return f"amqps://guest:guest@{self.host}:{self.tls_port}/"
 
     @property
     def log_path(self) -> Path:
@@ -108,11 +118,11 @@ class LocalBroker:
     def _pick_ports(self) -> None:
         if self.port and not is_port_free(self.port):
             raise PortBusyError(f"port {self.port} on {HOST} is busy (another RabbitMQ running?)")
-        # Three candidates for at most three ports; the kernel may offer an explicit port too.
-        picked = [port for port in free_ports(3) if port != self.port]
+        # One candidate per port; the kernel may offer an explicit port too.
+        picked = [port for port in free_ports(4) if port != self.port]
         if not self.port:
             self.port = picked.pop()
-        self.dist_port, self.epmd_port = picked[:2]
+        self.dist_port, self.epmd_port, self.tls_port = picked[:3]
 
     def _prepare_node_dir(self) -> None:
         log_dir = self.node_dir / "log"
@@ -120,10 +130,23 @@ class LocalBroker:
         # An empty plugin list skips the management plugin: faster start, no extra port.
         (self.node_dir / "enabled_plugins").write_text("[].\n")
         # Our own (near-empty) config and env files, so nothing in /etc/rabbitmq leaks in.
-        (self.node_dir / "rabbitmq.conf").write_text("# private dev/test node: defaults only\n")
+        (self.node_dir / "rabbitmq.conf").write_text(self._config_text())
         (self.node_dir / "rabbitmq-env.conf").write_text("")
         self._write_cookie()
         self._env = self._node_env()
+
+    def _config_text(self) -> str:
+        lines = ["# private dev/test node: defaults only"]
+        if self._tls_files is not None:
+            cert, key = self._tls_files
+            lines += [
+                f"listeners.ssl.default = {HOST}:{self.tls_port}",
+                f"ssl_options.certfile = {cert}",
+                f"ssl_options.keyfile = {key}",
+                "ssl_options.verify = verify_none",
+                "ssl_options.fail_if_no_peer_cert = false",
+            ]
+        return "\n".join(lines) + "\n"
 
     def _write_cookie(self) -> None:
         # Erlang reads the cookie from $HOME; a fresh one per node keeps other nodes (and the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,29 @@ class ExternalBroker:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.tls_cert_file = None
 
     def stop_app(self) -> None:
         pytest.skip("BRIDGE_TEST_AMQP_URL is set: this test stops the broker")
 
     start_app = stop_app
+
+    @property
+    def tls_url(self) -> str:
+        pytest.skip("BRIDGE_TEST_AMQP_URL is set: the amqps tests need the harness's own node")
+
+
+def make_tls_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (openssl), the broker's TLS identity;
+    the certificate is also what clients trust."""
+    cert, key = directory / "broker.pem", directory / "broker.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
 
 
 @pytest.fixture(scope="session")
@@ -65,5 +84,9 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         return
     from bridge.devbroker import LocalBroker
 
-    with LocalBroker(tmp_path_factory.mktemp("rabbitmq"), port=0) as broker:
+    cert, key = make_tls_certificate(tmp_path_factory.mktemp("tls"))
+    with LocalBroker(
+        tmp_path_factory.mktemp("rabbitmq"), port=0, tls_cert_file=cert, tls_key_file=key
+    ) as broker:
+        broker.tls_cert_file = cert  # type: ignore[attr-defined]
         yield broker

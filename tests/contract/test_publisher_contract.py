@@ -163,3 +163,39 @@ async def test_blocked_connection_is_reported_and_refused(publisher, rabbitmq):
     finally:
         await asyncio.to_thread(rabbitmq.ctl, "set_vm_memory_high_watermark", "0.4")
     await wait_until(lambda: not publisher.is_blocked, timeout=30)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHERS))
+async def test_amqps_publishes_are_confirmed_and_verify_the_broker(
+    name, rabbitmq, monkeypatch, tmp_path
+):
+    """Over TLS (amqps://) the broker's certificate is checked against the trust store
+    (SSL_CERT_FILE names a private CA): trusted, the publish is confirmed; not, no connection."""
+    tls_url = rabbitmq.tls_url
+    monkeypatch.setenv("SSL_CERT_FILE", str(rabbitmq.tls_cert_file))
+    cfg = make_config(broker={"url": tls_url})
+    publisher = PUBLISHERS[name](cfg.broker, exchanges=())
+    await publisher.start()
+    try:
+        await asyncio.wait_for(publisher.wait_connected(), 30)
+        exchange = unique("tls")
+        async with bound_queue(rabbitmq.url, exchange) as queue:
+            await publisher.publish(event("over-tls"), exchange, timeout=10)
+            [message] = await take(queue, 1)
+        assert message.message_id == "over-tls"
+    finally:
+        await publisher.close()
+
+    # A trust store without that certificate: the handshake fails, nothing connects.
+    empty_store = tmp_path / "empty.pem"
+    empty_store.write_text("")
+    monkeypatch.setenv("SSL_CERT_FILE", str(empty_store))
+    untrusting = PUBLISHERS[name](cfg.broker, exchanges=())
+    await untrusting.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(untrusting.wait_connected(), 3)
+        with pytest.raises(PublishError):
+            await untrusting.publish(event("refused"), unique("tls"), timeout=1)
+    finally:
+        await untrusting.close()
