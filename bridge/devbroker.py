@@ -546,7 +546,10 @@ def run_with_broker(base_dir: Path, port: int, command: Sequence[str]) -> int:
         _say("interrupted while starting; RabbitMQ stopped")
         return 128 + interrupted.signum
     try:
-        _say(f"RabbitMQ ready on {HOST}:{broker.port} in {broker.startup_seconds or 0:.1f} s")
+        _say(
+            f"RabbitMQ ready on {HOST}:{broker.port} in {broker.startup_seconds or 0:.1f} s"
+            f" (other terminals: {URL_ENV}={broker.url})"
+        )
         return run_child(command, {**os.environ, URL_ENV: broker.url})
     except _Interrupted as interrupted:  # arrived before run_child took over the signals
         return 128 + interrupted.signum

@@ -470,8 +470,8 @@ class QueueConsumer:
     async def start(self) -> None:
         self._channel = await self._connection.channel()
         await self._channel.set_qos(prefetch_count=2000)
-        queue = await self._channel.declare_queue(self._name, passive=True)
-        await queue.consume(self._received, no_ack=True)
+        self._queue = await self._channel.declare_queue(self._name, passive=True)
+        self._consumer_tag = await self._queue.consume(self._received, no_ack=True)
 
     async def _received(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         self.messages += 1
@@ -486,6 +486,7 @@ class QueueConsumer:
                 if self.messages == seen and await message_count(self._channel, self._name) == 0:
                     break
         unrouted = await message_count(self._channel, UNROUTED_EXCHANGE) - unrouted_before
+        await self._queue.cancel(self._consumer_tag)
         await self._channel.queue_delete(self._name)
         await self._channel.close()
         return Audit(queued=self.messages, distinct=len(self.ids), unrouted=unrouted)
@@ -1112,7 +1113,7 @@ def report(
         f"- bridge: event loop {bridge_event_loop(args)[1]}; log level"
         f" `{args.bridge_log_level}` (JSON lines to a file); spool, duplicate window and metrics"
         " on (production defaults)",
-        f"- baseline: event loop {args.baseline_loop}",
+        *([] if args.no_baseline else [f"- baseline: event loop {args.baseline_loop}"]),
         f"- runs: {args.runs}, interleaved; subjects: {', '.join(s.name for s in subjects)}",
     ]
     for name, reason in skipped.items():
