@@ -36,21 +36,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# Run as a plain script, so the repository root is not on sys.path by itself.
+# Run as a plain script, so the repository root is not on sys.path by itself; run.py (beside
+# this file) declares the bench topology.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import aio_pika
 from pydantic import SecretStr
+from run import bench_queue, declare_topology
 
 from bridge import log
 from bridge.config import BrokerConfig
 from bridge.devbroker import LocalBroker
 from bridge.errors import PublishError
-from bridge.events import UNROUTED_EXCHANGE, WebhookEvent, documented_exchanges
+from bridge.events import WebhookEvent, documented_exchanges
 from bridge.sender import callback_body, format_timestamp
 
 TENANT = "benchpub"
-QUEUE = "bench.publisher"
+QUEUE = bench_queue(TENANT)
 PUBLISH_TIMEOUT_SECONDS = 30.0
 # name -> (module, class)
 PUBLISHERS = {
@@ -223,16 +226,8 @@ async def run(args: argparse.Namespace, url: str, broker: LocalBroker | None) ->
         return 2
     connection = await aio_pika.connect(url)
     channel = await connection.channel()
-    await channel.declare_exchange(UNROUTED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-    queue = await channel.declare_queue(QUEUE, durable=True)
-    for exchange in documented_exchanges(TENANT).values():
-        await channel.declare_exchange(
-            exchange,
-            aio_pika.ExchangeType.TOPIC,
-            durable=True,
-            arguments={"alternate-exchange": UNROUTED_EXCHANGE},
-        )
-        await queue.bind(exchange, routing_key="#")
+    await declare_topology(channel, TENANT)
+    queue = await channel.get_queue(QUEUE)
 
     print(
         f"{args.count} persistent messages per measurement, {args.in_flight} publish() calls in"
