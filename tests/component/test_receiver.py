@@ -586,7 +586,8 @@ async def test_an_encoded_tenant_and_a_query_string_still_match(client, sink):
 
 
 async def test_any_differing_one_tenant_header_is_a_mismatch(aiohttp_raw_server, make_receiver):
-    """Two one-tenant headers, the second wrong: 400, whatever their order."""
+    """Two one-tenant headers, the first right and the second wrong: 400, not only the first
+    is compared."""
     server = await aiohttp_raw_server(make_receiver().handle)
     first = await raw_request(
         server.port,
