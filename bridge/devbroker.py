@@ -63,7 +63,9 @@ class LocalBroker:
         self.epmd_port = 0
         # An amqps listener beside the plain one, when given a certificate and its key.
         self.tls_port = 0
-        self._tls_files = (tls_cert_file, tls_key_file) if tls_cert_file and tls_key_file else None
+        # The certificate is also what a client of the listener trusts (SSL_CERT_FILE).
+        self.tls_cert_file = tls_cert_file if tls_key_file else None
+        self._tls_key_file = tls_key_file
         # Unique per process and call, so nodes of parallel runs never share a name or a data dir.
         short_name = f"onebridge-{os.getpid()}-{secrets.token_hex(3)}"
         self.node_name = f"{short_name}@localhost"
@@ -137,12 +139,11 @@ class LocalBroker:
 
     def _config_text(self) -> str:
         lines = ["# private dev/test node: defaults only"]
-        if self._tls_files is not None:
-            cert, key = self._tls_files
+        if self.tls_cert_file is not None:
             lines += [
                 f"listeners.ssl.default = {HOST}:{self.tls_port}",
-                f"ssl_options.certfile = {cert}",
-                f"ssl_options.keyfile = {key}",
+                f"ssl_options.certfile = {self.tls_cert_file}",
+                f"ssl_options.keyfile = {self._tls_key_file}",
                 "ssl_options.verify = verify_none",
                 "ssl_options.fail_if_no_peer_cert = false",
             ]
@@ -546,10 +547,7 @@ def run_with_broker(base_dir: Path, port: int, command: Sequence[str]) -> int:
         _say("interrupted while starting; RabbitMQ stopped")
         return 128 + interrupted.signum
     try:
-        _say(
-            f"RabbitMQ ready on {HOST}:{broker.port} in {broker.startup_seconds or 0:.1f} s"
-            f" (other terminals: {URL_ENV}={broker.url})"
-        )
+        _say(f"RabbitMQ ready on {HOST}:{broker.port} in {broker.startup_seconds or 0:.1f} s")
         return run_child(command, {**os.environ, URL_ENV: broker.url})
     except _Interrupted as interrupted:  # arrived before run_child took over the signals
         return 128 + interrupted.signum

@@ -1015,7 +1015,7 @@ def _base_url(address: Sequence[object]) -> str:
 
 
 def _announcement(url: str, default_api_key: str | None) -> str:
-    # Only the public dev key is ever shown; a configured key is a secret.
+    # No key is ever shown: the dev key is named by where it is written down.
     if default_api_key == DEV_API_KEY:
         key = "ApiAuth: the dev key of config/bridge.dev.toml, for any one-tenant"
     else:

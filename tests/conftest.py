@@ -115,5 +115,4 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     with LocalBroker(
         tmp_path_factory.mktemp("rabbitmq"), port=0, tls_cert_file=cert, tls_key_file=key
     ) as broker:
-        broker.tls_cert_file = cert  # type: ignore[attr-defined]
         yield broker
